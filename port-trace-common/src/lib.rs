@@ -1,0 +1,157 @@
+//! The binary interface shared by the port-trace eBPF programs and the
+//! userspace loader.
+//!
+//! Everything here crosses the kernel/userspace boundary as raw bytes, so the
+//! types are `#[repr(C)]`, hold plain integers only and have no padding holes
+//! (checked by the size assertions at the bottom). Userspace decodes them with
+//! `TryFrom` into typed events (see `port_trace::decode`).
+#![no_std]
+
+/// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
+/// change shape or meaning; the loader refuses an object with another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// Raw event kinds, the value of [`RawEvent::kind`].
+pub mod kind {
+    /// `sock:inet_sock_set_state`: a TCP socket changed state.
+    pub const TCP_STATE: u16 = 1;
+    /// `tcp:tcp_destroy_sock`: a TCP socket is being destroyed; if it still
+    /// holds a port (`lport != 0`), `tcp_v4_destroy_sock` releases it next.
+    pub const TCP_DESTROY: u16 = 2;
+    /// cgroup `post_bind4/6`: `bind()` gave the socket a port.
+    pub const BIND: u16 = 3;
+    /// `syscalls:sys_exit_connect` joined with cgroup `connect4/6`: a
+    /// `connect()` ended; `ret` is its return value, `req_port` the local port
+    /// the socket had before the call (0: the kernel had to pick one).
+    pub const CONNECT: u16 = 4;
+    /// cgroup `sock_release`: a UDP socket is closed by its last owner.
+    pub const UDP_RELEASE: u16 = 5;
+}
+
+/// Bits of [`RawEvent::flags`].
+pub mod flags {
+    /// `pid_tgid`, `comm` and `cgroup_id` describe the task that caused the
+    /// event (the hook runs in that task's context).
+    pub const PROCESS_CONTEXT: u16 = 1 << 0;
+}
+
+/// Maximum length of a task command name, including the NUL.
+pub const COMM_LEN: usize = 16;
+
+/// One event as the eBPF programs write it into the ring buffer.
+///
+/// Addresses are in network byte order as the kernel stores them (IPv4 in the
+/// first four bytes, the rest zero); ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// `bpf_ktime_get_boot_ns()` when the hook ran (CLOCK_BOOTTIME).
+    pub ts_ns: u64,
+    /// Socket cookie (`bpf_get_socket_cookie`): joins every event of one
+    /// socket and of its TIME_WAIT successor.
+    pub cookie: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the upper half, thread id in the
+    /// lower. Meaningful only with [`flags::PROCESS_CONTEXT`] or for the TCP
+    /// transitions that run in process context.
+    pub pid_tgid: u64,
+    /// cgroup v2 id of the current task.
+    pub cgroup_id: u64,
+    /// Network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`).
+    pub netns: u32,
+    /// One of [`kind`].
+    pub kind: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// `IPPROTO_TCP` (6) or `IPPROTO_UDP` (17).
+    pub protocol: u16,
+    /// Local port (`skc_num`, or `inet_sport` where `skc_num` was already
+    /// cleared by `__inet_put_port`).
+    pub lport: u16,
+    /// Remote port (`skc_dport`, converted to host order), 0 when none.
+    pub rport: u16,
+    /// Kind-specific port: for [`kind::BIND`] the port the caller asked for,
+    /// for [`kind::CONNECT`] the local port before the call, for
+    /// [`kind::TCP_STATE`] the current `skc_num` (0 once the port was put back).
+    pub req_port: u16,
+    /// TCP state before the change ([`kind::TCP_STATE`]).
+    pub old_state: u8,
+    /// TCP state after the change ([`kind::TCP_STATE`]).
+    pub new_state: u8,
+    /// Bits of [`flags`].
+    pub flags: u16,
+    /// Kind-specific value: the syscall return for [`kind::CONNECT`],
+    /// `sk_err` for [`kind::TCP_STATE`].
+    pub ret: i32,
+    /// Local address (`skc_rcv_saddr` or `skc_v6_rcv_saddr`).
+    pub laddr: [u8; 16],
+    /// Remote address (`skc_daddr` or `skc_v6_daddr`).
+    pub raddr: [u8; 16],
+    /// `bpf_get_current_comm()`, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Offsets, in bytes, of the kernel struct fields the programs read. They are
+/// read from the running kernel's BTF at start-up, because Rust eBPF gets no
+/// CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `sock_common.skc_daddr`
+    pub skc_daddr: u32,
+    /// `sock_common.skc_rcv_saddr`
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_dport`
+    pub skc_dport: u32,
+    /// `sock_common.skc_num`
+    pub skc_num: u32,
+    /// `sock_common.skc_family`
+    pub skc_family: u32,
+    /// `sock_common.skc_net` (a `possible_net_t` holding `struct net *`)
+    pub skc_net: u32,
+    /// `sock_common.skc_v6_daddr`
+    pub skc_v6_daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr`
+    pub skc_v6_rcv_saddr: u32,
+    /// `sock.sk_protocol` (a `u16` on every kernel we support)
+    pub sk_protocol: u32,
+    /// `sock.sk_err`
+    pub sk_err: u32,
+    /// `inet_sock.inet_sport`
+    pub inet_sport: u32,
+    /// `net.ns.inum`
+    pub net_ns_inum: u32,
+}
+
+/// Read-only configuration the loader writes into the programs' `CONFIG`
+/// global before loading them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Must equal [`ABI_VERSION`]; a zero means the loader did not set it and
+    /// the programs emit nothing.
+    pub abi_version: u32,
+    /// Only report sockets of this network namespace inode (0: all).
+    pub netns_filter: u32,
+    /// Field offsets for the running kernel.
+    pub offsets: KernelOffsets,
+}
+
+/// Name of the ring buffer map.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU array counting failed ring-buffer reservations.
+pub const LOST_MAP: &str = "LOST";
+/// Name of the configuration global.
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 104);
+const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 56);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain integers, `#[repr(C)]`, no padding (see the assertions).
+    unsafe impl aya::Pod for super::RawEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelConfig {}
+}

@@ -1,0 +1,123 @@
+//! `connect()`: the cgroup `connect4/6` hooks run before the kernel picks a
+//! local port (`inet_hash_connect` for TCP, `inet_autobind` for UDP), so they
+//! stash the socket per thread; the `sys_exit_connect` tracepoint then reads
+//! the port the call ended with, and the call's return code.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, tracepoint},
+    maps::LruHashMap,
+    programs::{SockAddrContext, TracePointContext},
+    EbpfContext,
+};
+use port_trace_common::kind;
+
+use crate::{emit, sk};
+
+const ALLOW: i32 = 1;
+
+/// What `connect4/6` learnt about a socket before the kernel gave it a port.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PendingConnect {
+    /// Kernel address of the `struct sock`.
+    sk: u64,
+    /// Socket cookie.
+    cookie: u64,
+    /// `skc_num` before the call (0: the kernel must choose a port).
+    port_before: u16,
+    /// Destination port asked for, host order.
+    rport: u16,
+    _pad: u32,
+    /// Destination address asked for (IPv4 in the first four bytes).
+    raddr: [u8; 16],
+}
+
+#[map(name = "PENDING_CONNECT")]
+static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let (sk_ptr, user_port, ip4, ip6) = unsafe {
+        let a = &*ctx.sock_addr;
+        (a.__bindgen_anon_1.sk, a.user_port, a.user_ip4, a.user_ip6)
+    };
+    let sk = sk::addr_of(sk_ptr);
+    let mut raddr = [0u8; 16];
+    if v6 {
+        for (i, word) in ip6.iter().enumerate() {
+            raddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    } else {
+        raddr[..4].copy_from_slice(&ip4.to_ne_bytes());
+    }
+    let pending = PendingConnect {
+        sk,
+        // SAFETY: the context is a socket address context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        port_before: sk::local_port_held(&cfg, sk),
+        rport: u16::from_be(user_port as u16),
+        _pad: 0,
+        raddr,
+    };
+    let _ = PENDING_CONNECT.insert(&bpf_get_current_pid_tgid(), &pending, 0);
+    ALLOW
+}
+
+/// `inet_stream_connect()` / `inet_dgram_connect()` for IPv4 destinations.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    stash(&ctx, false)
+}
+
+/// The same for IPv6 destinations (v4-mapped included).
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    stash(&ctx, true)
+}
+
+/// Offset of `ret` in the `syscalls:sys_exit_*` record.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+/// The `connect()` syscall returns: report the port the socket now holds.
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value stays valid until we remove it below.
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(&pid_tgid) }) else {
+        return 0;
+    };
+    let (sk, cookie, port_before, rport, raddr) =
+        (pending.sk, pending.cookie, pending.port_before, pending.rport, pending.raddr);
+    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    let cfg = sk::config();
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::CONNECT, true) else {
+        return 0;
+    };
+    let ev = event.fields();
+    ev.cookie = cookie;
+    ev.netns = netns;
+    // SAFETY: the record layout is fixed by the syscall tracepoint format.
+    ev.ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) }.unwrap_or(0) as i32;
+    sk::fill_tuple(&cfg, sk, ev);
+    // A failed connect clears the destination (`tcp_v4_connect` error path):
+    // keep what the caller asked for.
+    if ev.rport == 0 {
+        ev.rport = rport;
+        ev.raddr = raddr;
+    }
+    ev.req_port = port_before;
+    // The port held now: 0 when the call failed and put it back.
+    ev.lport = sk::local_port_held(&cfg, sk);
+    event.submit();
+    0
+}

@@ -1,0 +1,68 @@
+//! The ring buffer, the loss counter, and building events.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    },
+    macros::map,
+    maps::{ring_buf::RingBufEntry, PerCpuArray, RingBuf},
+};
+use port_trace_common::{flags, RawEvent};
+
+/// Events for userspace. The loader may resize it (`--ring-buffer-size`).
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Failed ring-buffer reservations, per CPU: the ring buffer has no loss
+/// counter of its own.
+#[map(name = "LOST")]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// An event being written straight into its ring-buffer slot (the BPF stack
+/// is too small for copies).
+pub struct Event(RingBufEntry<RawEvent>);
+
+impl Event {
+    /// The event's fields.
+    #[inline(always)]
+    pub fn fields(&mut self) -> &mut RawEvent {
+        // SAFETY: `start` initialised the slot.
+        unsafe { &mut *self.0.as_mut_ptr() }
+    }
+
+    /// Hands the event to userspace.
+    #[inline(always)]
+    pub fn submit(self) {
+        self.0.submit(0);
+    }
+
+}
+
+/// Reserves a slot for an event of `kind` and fills in the time and, when
+/// `process` is set, the current task's identity; counts the event as lost
+/// when the ring buffer is full.
+#[inline(always)]
+pub fn start(kind: u16, process: bool) -> Option<Event> {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        if let Some(counter) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *counter += 1 };
+        }
+        return None;
+    };
+    entry.write(RawEvent::default());
+    let mut ev = Event(entry);
+    let f = ev.fields();
+    f.kind = kind;
+    // SAFETY: helper without preconditions.
+    f.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    f.pid_tgid = bpf_get_current_pid_tgid();
+    if process {
+        f.flags |= flags::PROCESS_CONTEXT;
+        // SAFETY: helper without preconditions.
+        f.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        f.comm = bpf_get_current_comm().unwrap_or_default();
+    }
+    Some(ev)
+}

@@ -1,0 +1,23 @@
+//! The port-trace eBPF programs (portable backend).
+//!
+//! One module per hook family; every program is small, never logs, and
+//! always lets the traced operation proceed (cgroup hooks return 1).
+#![no_std]
+#![no_main]
+
+mod cgroup_sock;
+mod connect;
+mod emit;
+mod sk;
+mod tcp_state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible licence: the tracing helpers we use require it.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,110 @@
+//! Reading `struct sock` fields with offsets taken from the running kernel's
+//! BTF (see `port_trace::btf`): Rust eBPF has no CO-RE relocations.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use port_trace_common::{KernelConfig, RawEvent};
+
+/// Written by the loader (`EbpfLoader::override_global`) before load.
+#[unsafe(no_mangle)]
+static CONFIG: KernelConfig = KernelConfig {
+    abi_version: 0,
+    netns_filter: 0,
+    offsets: port_trace_common::KernelOffsets {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        sk_protocol: 0,
+        sk_err: 0,
+        inet_sport: 0,
+        net_ns_inum: 0,
+    },
+};
+
+#[inline(always)]
+pub fn config() -> KernelConfig {
+    // SAFETY: a read of our own read-only global; volatile so that the
+    // compiler does not fold the zero initialiser.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The kernel address of a socket as a plain number.
+///
+/// The verifier forbids arithmetic on context and socket pointers; copying the
+/// pointer through `bpf_probe_read_kernel` from the stack yields a scalar that
+/// may be offset and passed back to `bpf_probe_read_kernel`.
+#[inline(always)]
+pub fn addr_of<T>(ptr: *const T) -> u64 {
+    let slot: *const T = ptr;
+    // SAFETY: reads 8 bytes of our own stack.
+    unsafe { bpf_probe_read_kernel(&slot as *const *const T as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn read<T: Default>(base: u64, offset: u32) -> T {
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.unwrap_or_default()
+}
+
+/// Network namespace inode of the socket at `sk`.
+#[inline(always)]
+pub fn netns_of(cfg: &KernelConfig, sk: u64) -> u32 {
+    let net: u64 = read(sk, cfg.offsets.skc_net);
+    if net == 0 {
+        return 0;
+    }
+    read(net, cfg.offsets.net_ns_inum)
+}
+
+/// True when the event for this network namespace must be dropped.
+#[inline(always)]
+pub fn filtered_out(cfg: &KernelConfig, netns: u32) -> bool {
+    cfg.netns_filter != 0 && cfg.netns_filter != netns
+}
+
+/// Fills family, protocol, ports and addresses of `ev` from the socket at
+/// `sk`. `lport` is `skc_num`, falling back to `inet_sport` when the port was
+/// already put back (`__inet_put_port` zeroes `skc_num` but not `inet_sport`).
+#[inline(always)]
+pub fn fill_tuple(cfg: &KernelConfig, sk: u64, ev: &mut RawEvent) {
+    let o = &cfg.offsets;
+    ev.family = read(sk, o.skc_family);
+    ev.protocol = read(sk, o.sk_protocol);
+    let num: u16 = read(sk, o.skc_num);
+    ev.lport = if num != 0 { num } else { u16::from_be(read(sk, o.inet_sport)) };
+    ev.rport = u16::from_be(read(sk, o.skc_dport));
+    if ev.family == AF_INET6 {
+        ev.laddr = read(sk, o.skc_v6_rcv_saddr);
+        ev.raddr = read(sk, o.skc_v6_daddr);
+    } else if ev.family == AF_INET {
+        let l: [u8; 4] = read(sk, o.skc_rcv_saddr);
+        let r: [u8; 4] = read(sk, o.skc_daddr);
+        ev.laddr[..4].copy_from_slice(&l);
+        ev.raddr[..4].copy_from_slice(&r);
+    }
+}
+
+/// `skc_num` of the socket: the local port it holds now (0: none).
+#[inline(always)]
+pub fn local_port_held(cfg: &KernelConfig, sk: u64) -> u16 {
+    read(sk, cfg.offsets.skc_num)
+}
+
+/// `sk_err` of the socket.
+#[inline(always)]
+pub fn sk_err(cfg: &KernelConfig, sk: u64) -> i32 {
+    read(sk, cfg.offsets.sk_err)
+}
+
+/// `sk_protocol` of the socket.
+#[inline(always)]
+pub fn protocol(cfg: &KernelConfig, sk: u64) -> u16 {
+    read(sk, cfg.offsets.sk_protocol)
+}
