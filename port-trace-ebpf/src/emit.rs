@@ -36,7 +36,6 @@ impl Event {
     pub fn submit(self) {
         self.0.submit(0);
     }
-
 }
 
 /// Reserves a slot for an event of `kind` and fills in the time and, when

@@ -1,10 +1,7 @@
 //! TCP hooks that need no function tracing: `sock:inet_sock_set_state` and
 //! `tcp:tcp_destroy_sock`, both as BTF tracepoints (typed `struct sock *`).
 
-use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint, programs::BtfTracePointContext};
 use port_trace_common::kind;
 
 use crate::{emit, sk};

@@ -1,1 +1,34 @@
-fn main(){}
+//! The `port-trace` command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use port_trace::cli::{Cli, Command};
+use port_trace::{doctor, watch, UsageError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("port-trace: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Doctor(args)) => doctor::run(args),
+        Some(Command::Watch(args)) => runtime.block_on(watch::run(args)),
+        None => runtime.block_on(watch::run(cli.watch)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("port-trace: error: {err}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            eprintln!("port-trace: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The kernel struct offsets the eBPF programs need, from the running
+//! kernel's BTF (they differ between kernels: `sock.sk_protocol` moved
+//! between 6.1 and 6.18).
+
+use anyhow::{bail, Context, Result};
+use port_trace_common::KernelOffsets;
+
+use crate::btf::Btf;
+
+/// Looks up one field and checks that it has the width the programs read.
+fn field(btf: &Btf, path: &str, size: u32) -> Result<u32> {
+    let field = btf.field(path)?;
+    if field.size != size {
+        bail!("{path} is {} bytes on this kernel, expected {size}", field.size);
+    }
+    Ok(field.offset)
+}
+
+/// Every offset in [`KernelOffsets`], checked for width.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
+    let get = || -> Result<KernelOffsets> {
+        Ok(KernelOffsets {
+            skc_daddr: field(btf, "sock_common.skc_daddr", 4)?,
+            skc_rcv_saddr: field(btf, "sock_common.skc_rcv_saddr", 4)?,
+            skc_dport: field(btf, "sock_common.skc_dport", 2)?,
+            skc_num: field(btf, "sock_common.skc_num", 2)?,
+            skc_family: field(btf, "sock_common.skc_family", 2)?,
+            skc_net: field(btf, "sock_common.skc_net.net", 8)?,
+            skc_v6_daddr: field(btf, "sock_common.skc_v6_daddr", 16)?,
+            skc_v6_rcv_saddr: field(btf, "sock_common.skc_v6_rcv_saddr", 16)?,
+            sk_protocol: field(btf, "sock.sk_protocol", 2)?,
+            sk_err: field(btf, "sock.sk_err", 4)?,
+            inet_sport: field(btf, "inet_sock.inet_sport", 2)?,
+            net_ns_inum: field(btf, "net.ns.inum", 4)?,
+        })
+    };
+    get().context("this kernel's socket structures are not what port-trace knows how to read")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's BTF must yield every offset (every supported
+    /// kernel has BTF; a kernel without it cannot run port-trace at all).
+    #[test]
+    fn running_kernel_offsets_resolve() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let offsets = kernel_offsets(&btf).expect("offsets");
+        // struct sock starts with struct sock_common; the v6 addresses follow
+        // the v4 ones, and sk_protocol lies past sock_common.
+        assert!(offsets.skc_v6_daddr > offsets.skc_daddr);
+        assert!(offsets.sk_protocol > offsets.skc_v6_rcv_saddr);
+        assert_eq!(offsets.skc_num, offsets.skc_dport + 2);
+    }
+}

@@ -1,0 +1,539 @@
+//! Writing records for people (aligned text columns) and for programs (JSON
+//! Lines, `../shared/design/interface.md`).
+
+use std::io::{self, Write};
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::clock::BootClock;
+use crate::model::errno_name;
+use crate::record::{PortRecord, RecordBody};
+
+/// Version of the JSON Lines schema written in the header.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Text,
+    /// JSON Lines for programs.
+    Json,
+}
+
+/// How one hook of the running backend fared, for the header and `doctor`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct HookReport {
+    /// The hook, e.g. `tp_btf/inet_sock_set_state`.
+    pub hook: String,
+    /// What it is for.
+    pub purpose: &'static str,
+    /// `attached`, or why not.
+    pub status: String,
+}
+
+/// What the header line says.
+#[derive(Clone, Debug, Serialize)]
+pub struct Header {
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// The backend in use.
+    pub backend: String,
+    /// Per-hook outcome.
+    pub hooks: Vec<HookReport>,
+    /// `ip_local_port_range` of the traced namespace.
+    pub ephemeral_range: [u16; 2],
+    /// The traced network namespace inode, `None` for all.
+    pub netns: Option<u32>,
+    /// CLOCK_BOOTTIME at start.
+    #[serde(skip)]
+    pub started_boot_ns: u64,
+}
+
+/// Totals for the closing summary.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// Seconds traced.
+    pub duration_s: f64,
+    /// Records written, per type.
+    pub counts: Counts,
+    /// Events the kernel could not deliver (ring buffer full).
+    pub lost: u64,
+    /// Ring-buffer records that could not be decoded.
+    pub decode_errors: u64,
+    /// Ports held at the end by sockets whose allocation was seen.
+    pub ports_in_use: usize,
+    /// Of those, ports held by TIME_WAIT sockets.
+    pub time_wait: usize,
+    /// Releases of ports whose allocation was not seen.
+    pub unpaired_releases: u64,
+    /// Events of sockets not followed (accepted children, older sockets).
+    pub unknown_socket_events: u64,
+    /// Allocations per second over the run.
+    pub allocations_per_s: f64,
+    /// Releases per second over the run.
+    pub releases_per_s: f64,
+}
+
+/// Records written per type.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    /// `alloc` records.
+    pub alloc: u64,
+    /// `alloc_fail` records.
+    pub alloc_fail: u64,
+    /// `state` records.
+    pub state: u64,
+    /// `release` records.
+    pub release: u64,
+    /// `lost` records.
+    pub lost: u64,
+}
+
+impl Counts {
+    /// Counts one record.
+    pub fn add(&mut self, body: &RecordBody) {
+        match body {
+            RecordBody::Alloc { .. } => self.alloc += 1,
+            RecordBody::AllocFail { .. } => self.alloc_fail += 1,
+            RecordBody::State { .. } => self.state += 1,
+            RecordBody::Release { .. } => self.release += 1,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonPort<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts: String,
+    proto: &'static str,
+    family: &'static str,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: Option<IpAddr>,
+    rport: Option<u16>,
+    pid: u32,
+    comm: &'a str,
+    netns: u32,
+    cgroup: u64,
+    sock: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ephemeral: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    /// `Some(None)` serialises as `null`: releases always carry the field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held_ns: Option<Option<u64>>,
+}
+
+fn endpoint(addr: Option<IpAddr>, port: Option<u16>) -> String {
+    match (addr, port) {
+        (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(IpAddr::V6(a)), None) => format!("[{a}]:*"),
+        (Some(a), None) => format!("{a}:*"),
+        _ => "-".to_string(),
+    }
+}
+
+/// A duration for people: `850us`, `12.3ms`, `60.0s`.
+pub fn human_duration(ns: u64) -> String {
+    if ns < 1_000_000 {
+        format!("{}us", ns / 1_000)
+    } else if ns < 1_000_000_000 {
+        format!("{:.1}ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.1}s", ns as f64 / 1e9)
+    }
+}
+
+/// Writes records in one format.
+pub struct Output {
+    writer: Box<dyn Write + Send>,
+    format: Format,
+    lifecycles: bool,
+    clock: BootClock,
+    wrote_text_header: bool,
+}
+
+impl Output {
+    /// An output to `writer`. With `lifecycles`, only completed lifecycles
+    /// (releases) are written, one line each.
+    pub fn new(writer: Box<dyn Write + Send>, format: Format, lifecycles: bool, clock: BootClock) -> Self {
+        Self { writer, format, lifecycles, clock, wrote_text_header: false }
+    }
+
+    /// The run's header: a JSON object, or the column titles.
+    pub fn header(&mut self, header: &Header) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                #[derive(Serialize)]
+                struct Line<'a> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    schema: u32,
+                    tool: &'static str,
+                    version: &'static str,
+                    #[serde(flatten)]
+                    header: &'a Header,
+                    started: String,
+                }
+                let line = Line {
+                    kind: "header",
+                    schema: SCHEMA_VERSION,
+                    tool: "port-trace",
+                    version: env!("CARGO_PKG_VERSION"),
+                    header,
+                    started: self.clock.rfc3339(header.started_boot_ns),
+                };
+                serde_json::to_writer(&mut self.writer, &line)?;
+                self.writer.write_all(b"\n")
+            }
+            Format::Text => {
+                self.wrote_text_header = true;
+                if self.lifecycles {
+                    writeln!(
+                        self.writer,
+                        "{:<12} {:<12} {:<5} {:<7} {:<15} {:<21} {:<21} {:<9} {:<14} HELD",
+                        "START", "END", "PROTO", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "ORIGIN", "REASON"
+                    )
+                } else {
+                    writeln!(
+                        self.writer,
+                        "{:<12} {:<10} {:<5} {:<7} {:<15} {:<21} {:<21} DETAIL",
+                        "TIME", "EVENT", "PROTO", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT"
+                    )
+                }
+            }
+        }
+    }
+
+    fn clock_time(&self, boot_ns: u64) -> String {
+        // HH:MM:SS.mmm of the RFC 3339 UTC stamp.
+        self.clock.rfc3339(boot_ns)[11..23].to_string()
+    }
+
+    /// Writes one record (with `lifecycles`, only releases).
+    pub fn record(&mut self, rec: &PortRecord) -> io::Result<()> {
+        if self.lifecycles && !matches!(rec.body, RecordBody::Release { .. }) {
+            return Ok(());
+        }
+        match self.format {
+            Format::Json => self.json_record(rec),
+            Format::Text => self.text_record(rec),
+        }
+    }
+
+    fn json_record(&mut self, rec: &PortRecord) -> io::Result<()> {
+        let p = &rec.port;
+        let mut line = JsonPort {
+            kind: rec.body.type_name(),
+            ts: self.clock.rfc3339(rec.ts_ns),
+            proto: p.proto.name(),
+            family: p.family.name(),
+            laddr: p.laddr,
+            lport: p.lport,
+            raddr: p.raddr,
+            rport: p.rport,
+            pid: p.pid,
+            comm: &p.comm,
+            netns: p.netns,
+            cgroup: p.cgroup,
+            sock: p.sock,
+            started: None,
+            origin: None,
+            ephemeral: None,
+            errno: None,
+            old: None,
+            new: None,
+            reason: None,
+            held_ns: None,
+        };
+        match &rec.body {
+            RecordBody::Alloc { origin, ephemeral } => {
+                line.origin = Some(origin.name());
+                line.ephemeral = Some(*ephemeral);
+            }
+            RecordBody::AllocFail { errno, origin } => {
+                line.errno = Some(errno_name(*errno));
+                line.origin = Some(origin.name());
+            }
+            RecordBody::State { old, new } => {
+                line.old = Some(old.name());
+                line.new = Some(new.name());
+            }
+            RecordBody::Release { reason, held_ns, origin, alloc_ts_ns } => {
+                line.reason = Some(reason.name());
+                line.held_ns = Some(*held_ns);
+                if self.lifecycles {
+                    line.kind = "lifecycle";
+                    line.origin = origin.map(|o| o.name());
+                    line.ephemeral = p.ephemeral;
+                    line.started = alloc_ts_ns.map(|ts| self.clock.rfc3339(ts));
+                }
+            }
+        }
+        serde_json::to_writer(&mut self.writer, &line)?;
+        self.writer.write_all(b"\n")
+    }
+
+    fn text_record(&mut self, rec: &PortRecord) -> io::Result<()> {
+        let p = &rec.port;
+        let local = endpoint(Some(p.laddr), Some(p.lport));
+        let remote = endpoint(p.raddr, p.rport);
+        if let (true, RecordBody::Release { reason, held_ns, origin, alloc_ts_ns }) = (self.lifecycles, &rec.body) {
+            let start = alloc_ts_ns.map(|ts| self.clock_time(ts)).unwrap_or_else(|| "?".into());
+            let end = self.clock_time(rec.ts_ns);
+            return writeln!(
+                self.writer,
+                "{:<12} {:<12} {:<5} {:<7} {:<15} {:<21} {:<21} {:<9} {:<14} {}",
+                start,
+                end,
+                p.proto.name(),
+                p.pid,
+                p.comm,
+                local,
+                remote,
+                origin.map(|o| o.name()).unwrap_or("?"),
+                reason.name(),
+                held_ns.map(human_duration).unwrap_or_else(|| "?".into())
+            );
+        }
+        let detail = match &rec.body {
+            RecordBody::Alloc { origin, ephemeral } => {
+                format!("{}{}", origin.name(), if *ephemeral { " ephemeral" } else { "" })
+            }
+            RecordBody::AllocFail { errno, origin } => format!("{} {}", origin.name(), errno_name(*errno)),
+            RecordBody::State { old, new } => format!("{old} -> {new}"),
+            RecordBody::Release { reason, held_ns, .. } => {
+                format!("{} held {}", reason.name(), held_ns.map(human_duration).unwrap_or_else(|| "?".into()))
+            }
+        };
+        writeln!(
+            self.writer,
+            "{:<12} {:<10} {:<5} {:<7} {:<15} {:<21} {:<21} {}",
+            self.clock_time(rec.ts_ns),
+            rec.body.type_name(),
+            p.proto.name(),
+            p.pid,
+            p.comm,
+            local,
+            remote,
+            detail
+        )
+    }
+
+    /// Reports events the kernel could not deliver.
+    pub fn lost(&mut self, ts_ns: u64, count: u64) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                let line = serde_json::json!({"type": "lost", "ts": self.clock.rfc3339(ts_ns), "count": count});
+                serde_json::to_writer(&mut self.writer, &line)?;
+                self.writer.write_all(b"\n")
+            }
+            Format::Text => {
+                writeln!(
+                    self.writer,
+                    "{:<12} {:<10} {count} events lost (ring buffer full)",
+                    self.clock_time(ts_ns),
+                    "lost"
+                )
+            }
+        }
+    }
+
+    /// The closing summary: a JSON record, or for text a few lines that the
+    /// caller sends to stderr.
+    pub fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()> {
+        if self.format == Format::Json {
+            #[derive(Serialize)]
+            struct Line<'a> {
+                #[serde(rename = "type")]
+                kind: &'static str,
+                ts: String,
+                #[serde(flatten)]
+                summary: &'a Summary,
+            }
+            serde_json::to_writer(&mut self.writer, &Line { kind: "summary", ts: self.clock.rfc3339(ts_ns), summary })?;
+            self.writer.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    /// Flushes buffered lines.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// The summary in words, for stderr.
+pub fn summary_text(s: &Summary) -> String {
+    let mut text = format!(
+        "port-trace: {:.1}s traced: {} alloc, {} alloc_fail, {} state, {} release records; \
+         {} ports held at exit ({} in TIME_WAIT); {:.1} allocations/s, {:.1} releases/s",
+        s.duration_s,
+        s.counts.alloc,
+        s.counts.alloc_fail,
+        s.counts.state,
+        s.counts.release,
+        s.ports_in_use,
+        s.time_wait,
+        s.allocations_per_s,
+        s.releases_per_s
+    );
+    if s.lost > 0 {
+        text.push_str(&format!("; {} EVENTS LOST (ring buffer full)", s.lost));
+    }
+    if s.decode_errors > 0 {
+        text.push_str(&format!("; {} undecodable records", s.decode_errors));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::model::{Family, Origin, Proto, ReleaseReason, TcpState};
+    use crate::record::PortRef;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn port() -> PortRef {
+        PortRef {
+            sock: 99,
+            netns: 4026531840,
+            proto: Proto::Tcp,
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport: 54012,
+            raddr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            rport: Some(8080),
+            pid: 4242,
+            comm: "curl".into(),
+            cgroup: 1,
+            ephemeral: Some(true),
+        }
+    }
+
+    fn render(format: Format, lifecycles: bool, recs: &[PortRecord]) -> String {
+        let buf = Buffer::default();
+        let clock = BootClock::with_offset_ns(1_795_000_000_000_000_000);
+        let mut out = Output::new(Box::new(buf.clone()), format, lifecycles, clock);
+        for r in recs {
+            out.record(r).unwrap();
+        }
+        let bytes = buf.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn release() -> PortRecord {
+        PortRecord {
+            ts_ns: 60_000_000_000,
+            port: port(),
+            body: RecordBody::Release {
+                reason: ReleaseReason::TimeWaitEnd,
+                held_ns: Some(60_000_000_000),
+                origin: Some(Origin::Connect),
+                alloc_ts_ns: Some(0),
+            },
+        }
+    }
+
+    #[test]
+    fn json_alloc_has_the_contract_fields() {
+        let rec =
+            PortRecord { ts_ns: 1, port: port(), body: RecordBody::Alloc { origin: Origin::Connect, ephemeral: true } };
+        let text = render(Format::Json, false, &[rec]);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["type"], "alloc");
+        assert_eq!(v["ts"], "2026-11-18T11:06:40.000000001Z");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["laddr"], "127.0.0.1");
+        assert_eq!(v["lport"], 54012);
+        assert_eq!(v["raddr"], "127.0.0.1");
+        assert_eq!(v["rport"], 8080);
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["comm"], "curl");
+        assert_eq!(v["netns"], 4026531840u32);
+        assert_eq!(v["sock"], 99);
+        assert_eq!(v["origin"], "connect");
+        assert_eq!(v["ephemeral"], true);
+        assert!(v.get("held_ns").is_none());
+    }
+
+    #[test]
+    fn json_release_always_has_held_ns_and_unconnected_is_null() {
+        let mut rec = release();
+        rec.port.raddr = None;
+        rec.port.rport = None;
+        rec.body = RecordBody::Release { reason: ReleaseReason::Close, held_ns: None, origin: None, alloc_ts_ns: None };
+        let v: serde_json::Value = serde_json::from_str(render(Format::Json, false, &[rec]).trim()).unwrap();
+        assert_eq!(v["reason"], "close");
+        assert!(v["held_ns"].is_null() && v.get("held_ns").is_some());
+        assert!(v["raddr"].is_null() && v["rport"].is_null());
+    }
+
+    #[test]
+    fn text_lines_are_aligned_columns() {
+        let state = PortRecord {
+            ts_ns: 123_000_000,
+            port: port(),
+            body: RecordBody::State { old: TcpState::SynSent, new: TcpState::Established },
+        };
+        let text = render(Format::Text, false, &[state, release()]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "11:06:40.123 state      tcp   4242    curl            127.0.0.1:54012       127.0.0.1:8080        SYN_SENT -> ESTABLISHED"
+        );
+        assert!(lines[1].ends_with("time_wait_end held 60.0s"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn lifecycles_mode_writes_only_releases() {
+        let alloc =
+            PortRecord { ts_ns: 0, port: port(), body: RecordBody::Alloc { origin: Origin::Connect, ephemeral: true } };
+        let json = render(Format::Json, true, &[alloc.clone(), release()]);
+        assert_eq!(json.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(v["type"], "lifecycle");
+        assert_eq!(v["started"], "2026-11-18T11:06:40.000000000Z");
+        assert_eq!(v["origin"], "connect");
+        let text = render(Format::Text, true, &[alloc, release()]);
+        assert!(text.contains("connect   time_wait_end  60.0s"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_endpoints_are_bracketed() {
+        assert_eq!(endpoint(Some("::1".parse().unwrap()), Some(80)), "[::1]:80");
+        assert_eq!(endpoint(None, None), "-");
+        assert_eq!(human_duration(850_000), "850us");
+        assert_eq!(human_duration(12_300_000), "12.3ms");
+    }
+}

@@ -1,0 +1,140 @@
+//! Facts about the host read from `/proc` and `/sys`: kernel release, cgroup
+//! v2 and tracefs mounts, kprobe support, network namespaces and their
+//! ephemeral port range.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Mount points of a filesystem type, from `/proc/self/mountinfo`.
+fn mounts_of(fstype: &str) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            (right.split(' ').next()? == fstype).then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
+/// The cgroup v2 root (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = mounts_of("cgroup2");
+    mounts.iter().find(|p| p.as_path() == Path::new("/sys/fs/cgroup")).or_else(|| mounts.first()).cloned()
+}
+
+/// Where tracefs is mounted, if anywhere (classic tracepoints need it).
+pub fn tracefs_root() -> Option<PathBuf> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+}
+
+/// Whether the kernel offers kprobes (`CONFIG_KPROBE_EVENTS`).
+pub fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
+/// The network namespace inode of a `--netns` argument: a path
+/// (`/run/netns/NAME`, `/proc/PID/ns/net`) or an inode number.
+pub fn resolve_netns(arg: &str) -> Result<u32> {
+    if let Ok(inode) = arg.parse::<u32>() {
+        return Ok(inode);
+    }
+    let meta = fs::metadata(arg).with_context(|| format!("--netns {arg}: no such network namespace"))?;
+    let inode = meta.ino();
+    let c_path = std::ffi::CString::new(arg)?;
+    // SAFETY: an all-zero statfs is a valid out buffer.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and out pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    if rc != 0 || buf.f_type as i64 != NSFS_MAGIC {
+        bail!("--netns {arg}: not a network namespace file (expected /run/netns/NAME or /proc/PID/ns/net)");
+    }
+    u32::try_from(inode).context("namespace inode out of range")
+}
+
+/// The current process's network namespace inode.
+pub fn own_netns() -> Option<u32> {
+    fs::metadata("/proc/self/ns/net").ok().and_then(|m| u32::try_from(m.ino()).ok())
+}
+
+fn parse_range(text: &str) -> Result<[u16; 2]> {
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok([lo, hi]),
+        _ => bail!("unexpected ip_local_port_range '{}'", text.trim()),
+    }
+}
+
+/// `net.ipv4.ip_local_port_range` as the namespace at `netns_path` sees it
+/// (the calling task's own namespace when `None`). `/proc/sys/net` shows the
+/// namespace of the task that opens it, so a helper thread joins the
+/// namespace to read it.
+pub fn ephemeral_range(netns_path: Option<&str>) -> Result<[u16; 2]> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Some(ns) = netns_path else {
+        return parse_range(&fs::read_to_string(PATH)?);
+    };
+    let file = fs::File::open(ns).with_context(|| format!("cannot open {ns}"))?;
+    std::thread::spawn(move || -> Result<[u16; 2]> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        parse_range(&fs::read_to_string(PATH)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace reader thread panicked"))?
+}
+
+/// The cgroup v2 id of a `--cgroup` path (the directory's inode), absolute or
+/// relative to the cgroup v2 root.
+pub fn resolve_cgroup(arg: &str) -> Result<u64> {
+    let path = Path::new(arg);
+    let full = if path.is_absolute() && path.exists() {
+        path.to_path_buf()
+    } else {
+        let root = cgroup2_root().context("--cgroup: no cgroup v2 hierarchy is mounted")?;
+        root.join(arg.trim_start_matches('/'))
+    };
+    let meta = fs::metadata(&full).with_context(|| format!("--cgroup {arg}: no such cgroup ({})", full.display()))?;
+    if !meta.is_dir() {
+        bail!("--cgroup {arg}: not a cgroup directory");
+    }
+    Ok(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_range() {
+        assert_eq!(parse_range("32768\t60999\n").unwrap(), [32768, 60999]);
+        assert!(parse_range("garbage").is_err());
+    }
+
+    #[test]
+    fn reads_own_namespace_facts() {
+        let range = ephemeral_range(None).unwrap();
+        assert!(range[0] <= range[1]);
+        assert_eq!(ephemeral_range(Some("/proc/self/ns/net")).unwrap(), range);
+        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own_netns().unwrap());
+        assert!(resolve_netns("/nonexistent/ns").is_err());
+        assert!(resolve_netns("/etc/hostname").is_err());
+        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+    }
+}

@@ -1,0 +1,673 @@
+//! The port lifecycle state machine: joins the kernel events of each socket
+//! by cookie and turns them into `alloc`, `alloc_fail`, `state` and `release`
+//! records. Pure logic, no kernel access.
+//!
+//! The portable backend sees a port being taken and given back from several
+//! hooks; the subtle cases, with the kernel functions behind them:
+//!
+//! * TCP `connect()`: `tcp_v4_connect` moves the socket to SYN_SENT *before*
+//!   `inet_hash_connect` picks the port, so CLOSE→SYN_SENT carries the owner
+//!   but no port; the port shows on the next event of the socket (the
+//!   handshake's state change or `sys_exit_connect`), microseconds later. The
+//!   allocation is stamped with the SYN_SENT time.
+//! * A move to CLOSE runs `inet_put_port` first (`tcp_set_state`), so
+//!   `port_held == 0` there means this socket gave its port back — unless a
+//!   TIME_WAIT socket took it over (`tcp_time_wait` →
+//!   `inet_twsk_hashdance_schedule` before `tcp_done`). That hand-off is the
+//!   only way to CLOSE from FIN_WAIT1, FIN_WAIT2 or CLOSING without an error
+//!   (`tcp_reset` and the timeout paths set `sk_err`), so it is reported as a
+//!   move to TIME_WAIT and the port stays held.
+//! * An explicit `bind(port)` sets `SOCK_BINDPORT_LOCK`: the port survives
+//!   the move to CLOSE and goes back in `tcp_v4_destroy_sock`.
+//! * Accepted children share their listener's port (`__inet_inherit_port`):
+//!   they are not allocations, and their events are ignored.
+
+use std::collections::HashMap;
+
+use crate::decode::{Endpoints, Happening, KernelEvent, Task};
+use crate::model::{Origin, Proto, ReleaseReason, TcpState};
+use crate::record::{PortRecord, PortRef, RecordBody};
+
+/// Where a tracked socket is in its port's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The socket asked for a port (connect, or listen while unbound) and the
+    /// port is not visible yet.
+    Awaiting(Origin),
+    /// The socket holds the port.
+    Held,
+    /// A TIME_WAIT socket holds the port for this socket's 4-tuple.
+    TimeWait,
+}
+
+#[derive(Clone, Debug)]
+struct Tracked {
+    phase: Phase,
+    owner: Task,
+    netns: u32,
+    endpoints: Endpoints,
+    /// When the port was (or, while awaiting, is about to be) allocated.
+    alloc_ts_ns: u64,
+    origin: Origin,
+    ephemeral: bool,
+    /// A state change seen while awaiting the port, reported after the alloc.
+    deferred_state: Option<(u64, TcpState, TcpState)>,
+}
+
+/// Counters of what the tracker saw but could not pair, for the summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Events of sockets the tracker does not know (accepted children, or
+    /// sockets that existed before tracing began).
+    pub unknown_socket_events: u64,
+    /// Releases of ports whose allocation was not seen.
+    pub unpaired_releases: u64,
+    /// An allocation for a socket that already held a port.
+    pub duplicate_allocs: u64,
+}
+
+/// Joins kernel events into port lifecycles.
+#[derive(Default)]
+pub struct Tracker {
+    sockets: HashMap<u64, Tracked>,
+    stats: TrackerStats,
+}
+
+fn unknown_owner() -> Task {
+    Task { pid: 0, tid: 0, comm: String::new(), cgroup: 0 }
+}
+
+/// TCP states from which a clean move to CLOSE is the TIME_WAIT hand-off.
+fn closes_into_time_wait(old: TcpState, sk_err: i32) -> bool {
+    matches!(old, TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing) && sk_err == 0
+}
+
+/// Whether a failed `connect()` failed for want of a local port.
+fn is_port_shortage(proto: Proto, errno: i32) -> bool {
+    match proto {
+        Proto::Tcp => errno == libc::EADDRNOTAVAIL || errno == libc::EADDRINUSE,
+        // `inet_dgram_connect`: a failed autobind returns -EAGAIN.
+        Proto::Udp => errno == libc::EAGAIN || errno == libc::EADDRNOTAVAIL,
+    }
+}
+
+impl Tracked {
+    fn port_ref(&self, cookie: u64) -> PortRef {
+        PortRef {
+            sock: cookie,
+            netns: self.netns,
+            proto: self.endpoints.proto,
+            family: self.endpoints.family,
+            laddr: self.endpoints.laddr,
+            lport: self.endpoints.lport,
+            raddr: self.endpoints.raddr,
+            rport: self.endpoints.rport,
+            pid: self.owner.pid,
+            comm: self.owner.comm.clone(),
+            cgroup: self.owner.cgroup,
+            ephemeral: Some(self.ephemeral),
+        }
+    }
+
+    /// Takes what is new in `seen`: the remote side once connected, the
+    /// local address once bound to one.
+    fn learn(&mut self, seen: &Endpoints) {
+        if seen.raddr.is_some() {
+            self.endpoints.raddr = seen.raddr;
+            self.endpoints.rport = seen.rport;
+        }
+        if !seen.laddr.is_unspecified() {
+            self.endpoints.laddr = seen.laddr;
+        }
+        if seen.lport != 0 {
+            self.endpoints.lport = seen.lport;
+        }
+    }
+}
+
+impl Tracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ports held now by the sockets the tracker follows (TIME_WAIT included).
+    pub fn ports_in_use(&self) -> usize {
+        self.sockets.values().filter(|t| t.phase != Phase::Awaiting(t.origin)).count()
+    }
+
+    /// Ports held by TIME_WAIT sockets now.
+    pub fn time_wait_ports(&self) -> usize {
+        self.sockets.values().filter(|t| t.phase == Phase::TimeWait).count()
+    }
+
+    /// What could not be paired so far.
+    pub fn stats(&self) -> &TrackerStats {
+        &self.stats
+    }
+
+    /// Feeds one kernel event; appends the records it produces to `out`.
+    pub fn on_event(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        match &ev.happening {
+            Happening::TcpState { old, new, port_held, sk_err } => {
+                self.on_tcp_state(ev, *old, *new, *port_held, *sk_err, out)
+            }
+            Happening::TcpDestroy => self.on_tcp_destroy(ev, out),
+            Happening::Bind { requested_port } => self.on_bind(ev, *requested_port, out),
+            Happening::Connect { ret, port_before } => self.on_connect(ev, *ret, *port_before, out),
+            Happening::UdpRelease => self.on_udp_release(ev, out),
+        }
+    }
+
+    fn alloc(&mut self, ev: &KernelEvent, tracked: Tracked, out: &mut Vec<PortRecord>) {
+        if self.sockets.contains_key(&ev.cookie) {
+            self.stats.duplicate_allocs += 1;
+        }
+        out.push(PortRecord {
+            ts_ns: tracked.alloc_ts_ns,
+            port: tracked.port_ref(ev.cookie),
+            body: RecordBody::Alloc { origin: tracked.origin, ephemeral: tracked.ephemeral },
+        });
+        self.sockets.insert(ev.cookie, tracked);
+    }
+
+    /// An awaited port became visible: report the alloc and the state change
+    /// that was held back.
+    fn materialize(&mut self, cookie: u64, seen: &Endpoints, out: &mut Vec<PortRecord>) {
+        let Some(tracked) = self.sockets.get_mut(&cookie) else { return };
+        tracked.learn(seen);
+        tracked.phase = Phase::Held;
+        out.push(PortRecord {
+            ts_ns: tracked.alloc_ts_ns,
+            port: tracked.port_ref(cookie),
+            body: RecordBody::Alloc { origin: tracked.origin, ephemeral: tracked.ephemeral },
+        });
+        if let Some((ts_ns, old, new)) = tracked.deferred_state.take() {
+            out.push(PortRecord { ts_ns, port: tracked.port_ref(cookie), body: RecordBody::State { old, new } });
+        }
+    }
+
+    fn release(&mut self, cookie: u64, ts_ns: u64, reason: ReleaseReason, out: &mut Vec<PortRecord>) {
+        let Some(tracked) = self.sockets.remove(&cookie) else { return };
+        out.push(PortRecord {
+            ts_ns,
+            port: tracked.port_ref(cookie),
+            body: RecordBody::Release {
+                reason,
+                held_ns: Some(ts_ns.saturating_sub(tracked.alloc_ts_ns)),
+                origin: Some(tracked.origin),
+                alloc_ts_ns: Some(tracked.alloc_ts_ns),
+            },
+        });
+    }
+
+    fn on_tcp_state(
+        &mut self,
+        ev: &KernelEvent,
+        old: TcpState,
+        new: TcpState,
+        port_held: u16,
+        sk_err: i32,
+        out: &mut Vec<PortRecord>,
+    ) {
+        let cookie = ev.cookie;
+        let Some(phase) = self.sockets.get(&cookie).map(|t| t.phase) else {
+            // Leaving CLOSE without a port: connect() or listen() is about to
+            // pick one. With a port, the socket was bound before we started.
+            let awaiting = match (old, new) {
+                (TcpState::Close, TcpState::SynSent) => Some(Origin::Connect),
+                (TcpState::Close, TcpState::Listen) => Some(Origin::Listen),
+                _ => None,
+            };
+            match awaiting {
+                Some(origin) if ev.endpoints.lport == 0 => {
+                    self.sockets.insert(
+                        cookie,
+                        Tracked {
+                            phase: Phase::Awaiting(origin),
+                            owner: ev.task.clone().unwrap_or_else(unknown_owner),
+                            netns: ev.netns,
+                            endpoints: ev.endpoints.clone(),
+                            alloc_ts_ns: ev.ts_ns,
+                            origin,
+                            ephemeral: true,
+                            deferred_state: Some((ev.ts_ns, old, new)),
+                        },
+                    );
+                }
+                _ => self.stats.unknown_socket_events += 1,
+            }
+            return;
+        };
+
+        if let Phase::Awaiting(_) = phase {
+            if ev.endpoints.lport == 0 {
+                if new == TcpState::Close {
+                    // Failed before a port was chosen; a failed connect is
+                    // reported from its syscall's return code.
+                    self.sockets.remove(&cookie);
+                }
+                return;
+            }
+            self.materialize(cookie, &ev.endpoints, out);
+        }
+        if phase == Phase::TimeWait {
+            return;
+        }
+
+        let Some(tracked) = self.sockets.get_mut(&cookie) else { return };
+        tracked.learn(&ev.endpoints);
+        if new != TcpState::Close {
+            out.push(PortRecord {
+                ts_ns: ev.ts_ns,
+                port: tracked.port_ref(cookie),
+                body: RecordBody::State { old, new },
+            });
+            return;
+        }
+        if closes_into_time_wait(old, sk_err) {
+            tracked.phase = Phase::TimeWait;
+            out.push(PortRecord {
+                ts_ns: ev.ts_ns,
+                port: tracked.port_ref(cookie),
+                body: RecordBody::State { old, new: TcpState::TimeWait },
+            });
+            return;
+        }
+        out.push(PortRecord { ts_ns: ev.ts_ns, port: tracked.port_ref(cookie), body: RecordBody::State { old, new } });
+        if port_held == 0 {
+            let reason = if old == TcpState::SynSent { ReleaseReason::ConnectFailed } else { ReleaseReason::Close };
+            self.release(cookie, ev.ts_ns, reason, out);
+        }
+        // Otherwise an explicit bind keeps the port until tcp_v4_destroy_sock.
+    }
+
+    fn on_tcp_destroy(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        match self.sockets.get(&ev.cookie).map(|t| t.phase) {
+            Some(Phase::Held) => self.release(ev.cookie, ev.ts_ns, ReleaseReason::Close, out),
+            Some(Phase::Awaiting(_)) => {
+                self.sockets.remove(&ev.cookie);
+            }
+            // The TIME_WAIT socket holds the port on; children and sockets
+            // from before we started are not ours to release.
+            Some(Phase::TimeWait) => {}
+            None => self.stats.unknown_socket_events += 1,
+        }
+    }
+
+    fn on_bind(&mut self, ev: &KernelEvent, requested_port: u16, out: &mut Vec<PortRecord>) {
+        let tracked = Tracked {
+            phase: Phase::Held,
+            owner: ev.task.clone().unwrap_or_else(unknown_owner),
+            netns: ev.netns,
+            endpoints: ev.endpoints.clone(),
+            alloc_ts_ns: ev.ts_ns,
+            origin: Origin::Bind,
+            ephemeral: requested_port == 0,
+            deferred_state: None,
+        };
+        self.alloc(ev, tracked, out);
+    }
+
+    fn on_connect(&mut self, ev: &KernelEvent, ret: i32, port_before: u16, out: &mut Vec<PortRecord>) {
+        let cookie = ev.cookie;
+        let proto = ev.endpoints.proto;
+        match self.sockets.get(&cookie).map(|t| t.phase) {
+            Some(Phase::Awaiting(_)) if ev.endpoints.lport != 0 => {
+                self.materialize(cookie, &ev.endpoints, out);
+                return;
+            }
+            Some(Phase::Held) => {
+                if let Some(tracked) = self.sockets.get_mut(&cookie) {
+                    tracked.learn(&ev.endpoints);
+                }
+                return;
+            }
+            Some(Phase::TimeWait) => return,
+            Some(Phase::Awaiting(_)) | None => {}
+        }
+        if port_before != 0 {
+            return; // the socket had its port already (bound before we started)
+        }
+        if ev.endpoints.lport != 0 {
+            if proto == Proto::Udp {
+                // inet_dgram_connect → inet_autobind chose the port.
+                let tracked = Tracked {
+                    phase: Phase::Held,
+                    owner: ev.task.clone().unwrap_or_else(unknown_owner),
+                    netns: ev.netns,
+                    endpoints: ev.endpoints.clone(),
+                    alloc_ts_ns: ev.ts_ns,
+                    origin: Origin::Connect,
+                    ephemeral: true,
+                    deferred_state: None,
+                };
+                self.alloc(ev, tracked, out);
+            }
+            return;
+        }
+        if ret < 0 && is_port_shortage(proto, -ret) {
+            self.sockets.remove(&cookie);
+            let owner = ev.task.clone().unwrap_or_else(unknown_owner);
+            let mut port = Tracked {
+                phase: Phase::Held,
+                owner,
+                netns: ev.netns,
+                endpoints: ev.endpoints.clone(),
+                alloc_ts_ns: ev.ts_ns,
+                origin: Origin::Connect,
+                ephemeral: true,
+                deferred_state: None,
+            }
+            .port_ref(cookie);
+            port.lport = 0;
+            out.push(PortRecord {
+                ts_ns: ev.ts_ns,
+                port,
+                body: RecordBody::AllocFail { errno: -ret, origin: Origin::Connect },
+            });
+        }
+    }
+
+    fn on_udp_release(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        if self.sockets.contains_key(&ev.cookie) {
+            self.release(ev.cookie, ev.ts_ns, ReleaseReason::Close, out);
+            return;
+        }
+        // UDP has no children: a release of an unknown socket is a port
+        // allocated before we started, or on a path this backend cannot see.
+        self.stats.unpaired_releases += 1;
+        let owner = ev.task.clone().unwrap_or_else(unknown_owner);
+        out.push(PortRecord {
+            ts_ns: ev.ts_ns,
+            port: PortRef {
+                sock: ev.cookie,
+                netns: ev.netns,
+                proto: ev.endpoints.proto,
+                family: ev.endpoints.family,
+                laddr: ev.endpoints.laddr,
+                lport: ev.endpoints.lport,
+                raddr: ev.endpoints.raddr,
+                rport: ev.endpoints.rport,
+                pid: owner.pid,
+                comm: owner.comm,
+                cgroup: owner.cgroup,
+                ephemeral: None,
+            },
+            body: RecordBody::Release { reason: ReleaseReason::Close, held_ns: None, origin: None, alloc_ts_ns: None },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::model::Family;
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn task() -> Option<Task> {
+        Some(Task { pid: 42, tid: 43, comm: "curl".into(), cgroup: 7 })
+    }
+
+    fn ev(
+        ts: u64,
+        cookie: u64,
+        proto: Proto,
+        lport: u16,
+        remote: Option<u16>,
+        task: Option<Task>,
+        happening: Happening,
+    ) -> KernelEvent {
+        KernelEvent {
+            ts_ns: ts,
+            cookie,
+            netns: 1,
+            endpoints: Endpoints {
+                proto,
+                family: Family::Ipv4,
+                laddr: if lport == 0 { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { LO },
+                lport,
+                raddr: remote.map(|_| LO),
+                rport: remote,
+            },
+            task,
+            happening,
+        }
+    }
+
+    fn state(old: TcpState, new: TcpState, port_held: u16, sk_err: i32) -> Happening {
+        Happening::TcpState { old, new, port_held, sk_err }
+    }
+
+    fn kinds(out: &[PortRecord]) -> Vec<String> {
+        out.iter()
+            .map(|r| match &r.body {
+                RecordBody::State { old, new } => format!("state {old}>{new}"),
+                RecordBody::Release { reason, .. } => format!("release {}", reason.name()),
+                RecordBody::Alloc { origin, ephemeral } => format!("alloc {} {ephemeral}", origin.name()),
+                RecordBody::AllocFail { errno, .. } => format!("alloc_fail {errno}"),
+            })
+            .collect()
+    }
+
+    use TcpState::*;
+
+    /// connect → established → passive close (LAST_ACK → CLOSE frees the port).
+    #[test]
+    fn tcp_client_lifecycle_with_passive_close() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(100, 1, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        assert!(out.is_empty(), "no port known yet");
+        t.on_event(&ev(150, 1, Proto::Tcp, 40000, Some(80), None, state(SynSent, Established, 40000, 0)), &mut out);
+        t.on_event(
+            &ev(160, 1, Proto::Tcp, 40000, Some(80), task(), Happening::Connect { ret: 0, port_before: 0 }),
+            &mut out,
+        );
+        assert_eq!(t.ports_in_use(), 1);
+        t.on_event(&ev(200, 1, Proto::Tcp, 40000, Some(80), None, state(Established, CloseWait, 40000, 0)), &mut out);
+        t.on_event(&ev(300, 1, Proto::Tcp, 40000, Some(80), None, state(CloseWait, LastAck, 40000, 0)), &mut out);
+        t.on_event(&ev(400, 1, Proto::Tcp, 40000, Some(80), None, state(LastAck, Close, 0, 0)), &mut out);
+        assert_eq!(
+            kinds(&out),
+            [
+                "alloc connect true",
+                "state CLOSE>SYN_SENT",
+                "state SYN_SENT>ESTABLISHED",
+                "state ESTABLISHED>CLOSE_WAIT",
+                "state CLOSE_WAIT>LAST_ACK",
+                "state LAST_ACK>CLOSE",
+                "release close"
+            ]
+        );
+        // The alloc is stamped at SYN_SENT and carries the owner from it,
+        // although the port only showed in softirq.
+        assert_eq!(out[0].ts_ns, 100);
+        assert_eq!((out[0].port.pid, out[0].port.comm.as_str(), out[0].port.lport), (42, "curl", 40000));
+        let last = out.last().unwrap();
+        assert_eq!(last.port.pid, 42, "owner carried to the softirq release");
+        assert!(matches!(last.body, RecordBody::Release { held_ns: Some(300), .. }));
+        assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// Active close: FIN_WAIT2 → CLOSE without error is the TIME_WAIT hand-off.
+    #[test]
+    fn active_close_hands_the_port_to_time_wait() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 9, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(2, 9, Proto::Tcp, 41000, Some(80), None, state(SynSent, Established, 41000, 0)), &mut out);
+        t.on_event(&ev(3, 9, Proto::Tcp, 41000, Some(80), task(), state(Established, FinWait1, 41000, 0)), &mut out);
+        t.on_event(&ev(4, 9, Proto::Tcp, 41000, Some(80), None, state(FinWait1, FinWait2, 41000, 0)), &mut out);
+        t.on_event(&ev(5, 9, Proto::Tcp, 41000, Some(80), None, state(FinWait2, Close, 0, 0)), &mut out);
+        assert_eq!(kinds(&out).last().unwrap(), "state FIN_WAIT2>TIME_WAIT");
+        assert_eq!(t.ports_in_use(), 1);
+        assert_eq!(t.time_wait_ports(), 1);
+        // tcp_destroy_sock of the full socket does not free the TIME_WAIT port.
+        out.clear();
+        t.on_event(&ev(6, 9, Proto::Tcp, 41000, Some(80), None, Happening::TcpDestroy), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.time_wait_ports(), 1);
+    }
+
+    /// A reset in FIN_WAIT2 sets sk_err: a real release, not TIME_WAIT.
+    #[test]
+    fn reset_in_fin_wait_releases() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 9, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(2, 9, Proto::Tcp, 41000, Some(80), None, state(SynSent, Established, 41000, 0)), &mut out);
+        t.on_event(&ev(3, 9, Proto::Tcp, 41000, Some(80), None, state(Established, FinWait2, 41000, 0)), &mut out);
+        t.on_event(&ev(4, 9, Proto::Tcp, 41000, Some(80), None, state(FinWait2, Close, 0, libc::ECONNRESET)), &mut out);
+        assert_eq!(kinds(&out).last().unwrap(), "release close");
+        assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// A refused connect: the port shows only through inet_sport at CLOSE.
+    #[test]
+    fn refused_connect_is_alloc_then_connect_failed() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 5, Proto::Tcp, 0, Some(81), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(
+            &ev(2, 5, Proto::Tcp, 42000, Some(81), None, state(SynSent, Close, 0, libc::ECONNREFUSED)),
+            &mut out,
+        );
+        t.on_event(
+            &ev(3, 5, Proto::Tcp, 0, Some(81), task(), Happening::Connect { ret: -libc::ECONNREFUSED, port_before: 0 }),
+            &mut out,
+        );
+        assert_eq!(
+            kinds(&out),
+            ["alloc connect true", "state CLOSE>SYN_SENT", "state SYN_SENT>CLOSE", "release connect_failed"]
+        );
+    }
+
+    /// EADDRNOTAVAIL: no port was ever held.
+    #[test]
+    fn exhausted_connect_is_alloc_fail() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 5, Proto::Tcp, 0, Some(81), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(2, 5, Proto::Tcp, 0, Some(81), task(), state(SynSent, Close, 0, 0)), &mut out);
+        t.on_event(
+            &ev(
+                3,
+                5,
+                Proto::Tcp,
+                0,
+                Some(81),
+                task(),
+                Happening::Connect { ret: -libc::EADDRNOTAVAIL, port_before: 0 },
+            ),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), ["alloc_fail 99"]);
+        assert_eq!(out[0].port.rport, Some(81));
+        assert_eq!(out[0].port.pid, 42);
+        assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// bind(0) + listen + close: the port goes back at LISTEN → CLOSE.
+    #[test]
+    fn ephemeral_listener() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 3, Proto::Tcp, 43000, None, task(), Happening::Bind { requested_port: 0 }), &mut out);
+        t.on_event(&ev(2, 3, Proto::Tcp, 43000, None, task(), state(Close, Listen, 43000, 0)), &mut out);
+        t.on_event(&ev(3, 3, Proto::Tcp, 43000, None, task(), state(Listen, Close, 0, 0)), &mut out);
+        assert_eq!(kinds(&out), ["alloc bind true", "state CLOSE>LISTEN", "state LISTEN>CLOSE", "release close"]);
+    }
+
+    /// bind(port): SOCK_BINDPORT_LOCK keeps the port past CLOSE until destroy.
+    #[test]
+    fn explicit_bind_released_at_destroy() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 4, Proto::Tcp, 8080, None, task(), Happening::Bind { requested_port: 8080 }), &mut out);
+        t.on_event(&ev(2, 4, Proto::Tcp, 8080, None, task(), state(Close, Listen, 8080, 0)), &mut out);
+        t.on_event(&ev(3, 4, Proto::Tcp, 8080, None, task(), state(Listen, Close, 8080, 0)), &mut out);
+        assert_eq!(t.ports_in_use(), 1);
+        t.on_event(&ev(4, 4, Proto::Tcp, 8080, None, None, Happening::TcpDestroy), &mut out);
+        assert_eq!(kinds(&out), ["alloc bind false", "state CLOSE>LISTEN", "state LISTEN>CLOSE", "release close"]);
+        assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// Accepted children and pre-existing sockets produce nothing.
+    #[test]
+    fn unknown_tcp_sockets_are_ignored() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 50, Proto::Tcp, 8080, Some(40000), None, state(SynRecv, Established, 8080, 0)), &mut out);
+        t.on_event(&ev(2, 50, Proto::Tcp, 8080, Some(40000), None, state(Established, Close, 8080, 0)), &mut out);
+        t.on_event(&ev(3, 50, Proto::Tcp, 8080, Some(40000), None, Happening::TcpDestroy), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.stats().unknown_socket_events, 3);
+    }
+
+    /// UDP connect autobind, then close; then a release of an unknown socket.
+    #[test]
+    fn udp_connect_autobind_and_unpaired_release() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(
+            &ev(10, 6, Proto::Udp, 50000, Some(53), task(), Happening::Connect { ret: 0, port_before: 0 }),
+            &mut out,
+        );
+        t.on_event(&ev(30, 6, Proto::Udp, 50000, Some(53), task(), Happening::UdpRelease), &mut out);
+        t.on_event(&ev(40, 7, Proto::Udp, 50001, None, task(), Happening::UdpRelease), &mut out);
+        assert_eq!(kinds(&out), ["alloc connect true", "release close", "release close"]);
+        assert!(matches!(out[1].body, RecordBody::Release { held_ns: Some(20), .. }));
+        assert!(matches!(out[2].body, RecordBody::Release { held_ns: None, .. }));
+        assert_eq!(t.stats().unpaired_releases, 1);
+    }
+
+    /// UDP connect on a bound socket, and a failed autobind.
+    #[test]
+    fn udp_connect_after_bind_and_failed_autobind() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 8, Proto::Udp, 5353, None, task(), Happening::Bind { requested_port: 5353 }), &mut out);
+        t.on_event(
+            &ev(2, 8, Proto::Udp, 5353, Some(53), task(), Happening::Connect { ret: 0, port_before: 5353 }),
+            &mut out,
+        );
+        t.on_event(
+            &ev(3, 9, Proto::Udp, 0, Some(53), task(), Happening::Connect { ret: -libc::EAGAIN, port_before: 0 }),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), ["alloc bind false", "alloc_fail 11"]);
+        t.on_event(&ev(4, 8, Proto::Udp, 5353, Some(53), task(), Happening::UdpRelease), &mut out);
+        assert_eq!(out.last().unwrap().port.rport, Some(53), "remote learnt at connect");
+    }
+
+    /// A cookie seen again after its release starts a fresh lifecycle; a
+    /// second bind on a held socket counts as a duplicate.
+    #[test]
+    fn cookie_reuse_and_duplicate_alloc() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 2, Proto::Udp, 6000, None, task(), Happening::Bind { requested_port: 0 }), &mut out);
+        t.on_event(&ev(2, 2, Proto::Udp, 6000, None, task(), Happening::UdpRelease), &mut out);
+        t.on_event(&ev(3, 2, Proto::Udp, 6001, None, task(), Happening::Bind { requested_port: 0 }), &mut out);
+        assert_eq!(t.stats().duplicate_allocs, 0);
+        t.on_event(&ev(4, 2, Proto::Udp, 6002, None, task(), Happening::Bind { requested_port: 0 }), &mut out);
+        assert_eq!(t.stats().duplicate_allocs, 1);
+        assert_eq!(kinds(&out), ["alloc bind true", "release close", "alloc bind true", "alloc bind true"]);
+        assert_eq!(t.ports_in_use(), 1);
+    }
+
+    /// listen() on an unbound socket: the port shows at the next event.
+    #[test]
+    fn listen_autobind_materializes_later() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 11, Proto::Tcp, 0, None, task(), state(Close, Listen, 0, 0)), &mut out);
+        t.on_event(&ev(9, 11, Proto::Tcp, 45000, None, task(), state(Listen, Close, 0, 0)), &mut out);
+        assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN", "state LISTEN>CLOSE", "release close"]);
+        assert_eq!(out[0].ts_ns, 1);
+    }
+}

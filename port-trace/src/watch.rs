@@ -1,0 +1,232 @@
+//! `port-trace watch`: attach, stream records until Ctrl-C, SIGTERM or
+//! `--duration`, then flush and summarise.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::{BackendArg, ProtoArg, TraceArgs, WatchArgs};
+use crate::clock::BootClock;
+use crate::filter::Filter;
+use crate::kernel;
+use crate::model::{Family, Proto};
+use crate::output::{summary_text, Format, Header, Output, Summary};
+use crate::pipeline::Pipeline;
+use crate::privileges;
+use crate::system;
+use crate::UsageError;
+
+/// Flush at least this often (the contract: every 100 ms).
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// The filters of `TraceArgs` that run in userspace.
+pub fn build_filter(args: &TraceArgs) -> Result<Filter> {
+    Ok(Filter {
+        pids: args.pids.clone().map(|p| p.0).unwrap_or_default(),
+        comm: args.comm.clone(),
+        ports: args.ports.clone().map(|p| p.0).unwrap_or_default(),
+        proto: args.proto.map(|p| match p {
+            ProtoArg::Tcp => Proto::Tcp,
+            ProtoArg::Udp => Proto::Udp,
+        }),
+        family: match (args.ipv4, args.ipv6) {
+            (true, _) => Some(Family::Ipv4),
+            (_, true) => Some(Family::Ipv6),
+            _ => None,
+        },
+        cgroup: match &args.cgroup {
+            Some(path) => Some(system::resolve_cgroup(path).map_err(|e| UsageError(format!("{e:#}")))?),
+            None => None,
+        },
+        ephemeral_only: args.ephemeral_only,
+    })
+}
+
+fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
+    match &args.output {
+        None => {
+            let terminal = io::stdout().is_terminal();
+            Ok((Box::new(io::BufWriter::with_capacity(64 * 1024, io::stdout())), terminal))
+        }
+        Some(path) => {
+            let mut options = OpenOptions::new();
+            options.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+            if args.force {
+                options.create(true).truncate(true);
+            } else {
+                options.create_new(true);
+            }
+            let file = options.open(path).map_err(|e| {
+                let hint = if e.kind() == io::ErrorKind::AlreadyExists { " (use --force to overwrite)" } else { "" };
+                UsageError(format!("cannot create {}: {e}{hint}", path.display()))
+            })?;
+            Ok((Box::new(io::BufWriter::with_capacity(64 * 1024, file)), false))
+        }
+    }
+}
+
+/// Checks the backend choice against what this build and kernel offer.
+fn check_backend(choice: BackendArg) -> Result<&'static str> {
+    match choice {
+        BackendArg::Auto | BackendArg::Portable => Ok("portable"),
+        BackendArg::Precise => bail!(
+            "the precise backend (fentry/fexit) is not available in this version of port-trace; \
+             use --backend portable or auto (see `port-trace doctor`)"
+        ),
+        BackendArg::Kprobe => bail!(
+            "the kprobe backend is not available in this version of port-trace; \
+             use --backend portable or auto (see `port-trace doctor`)"
+        ),
+    }
+}
+
+fn is_broken_pipe(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::BrokenPipe
+}
+
+/// Runs `watch`.
+pub async fn run(args: WatchArgs) -> Result<()> {
+    let filter = build_filter(&args.trace)?;
+    let netns = match &args.trace.netns {
+        Some(arg) => Some(system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
+        None => None,
+    };
+    let backend_name = check_backend(args.trace.backend)?;
+    let missing = privileges::missing_capabilities();
+    if !missing.is_empty() {
+        bail!(privileges::missing_message(&missing));
+    }
+    let (writer, terminal) = open_output(&args)?;
+    let format = args.format.unwrap_or(if terminal { Format::Text } else { Format::Json });
+
+    let config = kernel::kernel_config(netns)?;
+    let mut backend = kernel::load_portable(&config, args.trace.ring_buffer_kib * 1024)?;
+    let events = backend.take_events()?;
+    let lost_map = backend.take_lost()?;
+    let started = BootClock::boot_now_ns();
+    let clock = BootClock::now();
+
+    let range_ns = args.trace.netns.as_deref().filter(|a| a.parse::<u32>().is_err());
+    let ephemeral_range = system::ephemeral_range(range_ns).unwrap_or([0, 0]);
+    let header = Header {
+        kernel: system::kernel_release(),
+        backend: backend_name.to_string(),
+        hooks: backend.hooks.clone(),
+        ephemeral_range,
+        netns,
+        started_boot_ns: started,
+    };
+    for hook in backend.hooks.iter().filter(|h| h.status != "attached") {
+        eprintln!("port-trace: warning: {} not attached ({}): {}", hook.hook, hook.purpose, hook.status);
+    }
+
+    let mut output = Output::new(writer, format, args.lifecycles, clock);
+    let mut pipeline = Pipeline::new(filter);
+    let mut lost_total = 0u64;
+    let result =
+        trace_loop(&mut output, &header, &mut pipeline, events, &lost_map, &mut lost_total, args.trace.duration).await;
+    match result {
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_broken_pipe) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+
+    let now = BootClock::boot_now_ns();
+    let duration_s = (now.saturating_sub(started)) as f64 / 1e9;
+    let stats = pipeline.tracker.stats().clone();
+    let per_s = |n: u64| if duration_s > 0.0 { n as f64 / duration_s } else { 0.0 };
+    let summary = Summary {
+        duration_s,
+        counts: pipeline.counts.clone(),
+        lost: lost_total,
+        decode_errors: pipeline.decode_errors,
+        ports_in_use: pipeline.tracker.ports_in_use(),
+        time_wait: pipeline.tracker.time_wait_ports(),
+        unpaired_releases: stats.unpaired_releases,
+        unknown_socket_events: stats.unknown_socket_events,
+        allocations_per_s: per_s(pipeline.counts.alloc),
+        releases_per_s: per_s(pipeline.counts.release),
+    };
+    let finish = (|| -> io::Result<()> {
+        output.summary(now, &summary)?;
+        output.flush()
+    })();
+    match finish {
+        Err(e) if is_broken_pipe(&e) => return Ok(()),
+        other => other?,
+    }
+    if format == Format::Text {
+        eprintln!("{}", summary_text(&summary));
+    }
+    drop(backend);
+    Ok(())
+}
+
+async fn trace_loop(
+    output: &mut Output,
+    header: &Header,
+    pipeline: &mut Pipeline,
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    lost_map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    lost_total: &mut u64,
+    duration: Option<Duration>,
+) -> Result<()> {
+    output.header(header)?;
+    output.flush()?;
+
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+    // while the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+
+    let report_lost = |output: &mut Output, lost_total: &mut u64| -> io::Result<()> {
+        let lost = kernel::read_lost(lost_map);
+        if lost > *lost_total {
+            output.lost(BootClock::boot_now_ns(), lost - *lost_total)?;
+            *lost_total = lost;
+        }
+        Ok(())
+    };
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    pipeline.feed(&item, |rec| output.record(rec))?;
+                }
+                guard.clear_ready();
+            }
+            _ = flush_tick.tick() => {
+                report_lost(output, lost_total)?;
+                output.flush()?;
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    // What the kernel wrote before we stopped.
+    let ring = ring.get_mut();
+    while let Some(item) = ring.next() {
+        pipeline.feed(&item, |rec| output.record(rec))?;
+    }
+    report_lost(output, lost_total)?;
+    Ok(())
+}
