@@ -25,7 +25,7 @@ static BIND_REQUEST: LruHashMap<u64, u16> = LruHashMap::with_max_entries(4096, 0
 fn remember_bind_request(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let user_port = unsafe { (*ctx.sock_addr).user_port } as u16;
-    let _ = BIND_REQUEST.insert(&bpf_get_current_pid_tgid(), &u16::from_be(user_port), 0);
+    let _ = BIND_REQUEST.insert(bpf_get_current_pid_tgid(), u16::from_be(user_port), 0);
     ALLOW
 }
 
@@ -49,8 +49,8 @@ fn report_bind(ctx: &SockContext) -> i32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: map value read by copy.
-    let requested = unsafe { BIND_REQUEST.get(&pid_tgid) }.copied().unwrap_or(0);
-    let _ = BIND_REQUEST.remove(&pid_tgid);
+    let requested = unsafe { BIND_REQUEST.get(pid_tgid) }.copied().unwrap_or(0);
+    let _ = BIND_REQUEST.remove(pid_tgid);
     let sk = sk::addr_of(ctx.sock);
     let netns = sk::netns_of(&cfg, sk);
     if sk::filtered_out(&cfg, netns) {

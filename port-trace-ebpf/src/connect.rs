@@ -65,7 +65,7 @@ fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
         _pad: 0,
         raddr,
     };
-    let _ = PENDING_CONNECT.insert(&bpf_get_current_pid_tgid(), &pending, 0);
+    let _ = PENDING_CONNECT.insert(bpf_get_current_pid_tgid(), pending, 0);
     ALLOW
 }
 
@@ -89,12 +89,12 @@ const SYS_EXIT_RET_OFFSET: usize = 16;
 pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value stays valid until we remove it below.
-    let Some(pending) = (unsafe { PENDING_CONNECT.get(&pid_tgid) }) else {
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }) else {
         return 0;
     };
     let (sk, cookie, port_before, rport, raddr) =
         (pending.sk, pending.cookie, pending.port_before, pending.rport, pending.raddr);
-    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    let _ = PENDING_CONNECT.remove(pid_tgid);
     let cfg = sk::config();
     let netns = sk::netns_of(&cfg, sk);
     if sk::filtered_out(&cfg, netns) {

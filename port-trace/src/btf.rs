@@ -242,7 +242,7 @@ impl Btf {
         if !found_any {
             bail!("{path}: no member named");
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             bail!("{path}: not byte aligned");
         }
         Ok(Field { offset: bits / 8, size: self.size_of(id) })

@@ -69,7 +69,9 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     );
     println!(
         "tracefs  {}",
-        system::tracefs_root().map(|p| p.display().to_string()).unwrap_or_else(|| "not mounted".into())
+        system::tracefs_root()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "not mounted (watch mounts it in a private mount namespace for itself)".into())
     );
     println!(
         "cgroup2  {}",

@@ -138,3 +138,32 @@ mod tests {
         assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
     }
 }
+
+/// Makes tracefs visible to this process when the host has not mounted it:
+/// the process moves to a mount namespace of its own (a slave of the host's,
+/// so later host mounts such as new `/run/netns` entries still appear) and
+/// mounts tracefs there. The host's mounts are untouched. Must run before
+/// any thread is started (`unshare(CLONE_NEWNS)` refuses threaded callers).
+/// Returns whether it mounted anything.
+pub fn ensure_private_tracefs() -> Result<bool> {
+    if tracefs_root().is_some() {
+        return Ok(false);
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (root, target, fstype, source) = (c("/"), c("/sys/kernel/tracing"), c("tracefs"), c("nodev"));
+    // SAFETY: plain syscalls with valid NUL-terminated strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            bail!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error());
+        }
+        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null())
+            != 0
+        {
+            bail!("making / a slave mount: {}", std::io::Error::last_os_error());
+        }
+        if libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) != 0 {
+            bail!("mounting tracefs on /sys/kernel/tracing: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(true)
+}

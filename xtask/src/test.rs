@@ -1,0 +1,57 @@
+//! `cargo xtask test`: lint (unless `--no-lint`), build port-trace, then
+//! `cargo test` on the host crates. tracefs is left as the host has it: the
+//! tracer mounts it privately for itself when it is missing, and the tests
+//! exercise that.
+//!
+//! The tests get `PORT_TRACE_BIN=<workspace>/target/debug/port-trace`. The
+//! kernel tests need root: when not root, cargo stays unprivileged and runs
+//! each test binary through `sudo -E` (cargo's target runner), so no
+//! root-owned files end up in `target/`.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+
+use crate::{build, lint, setup, util};
+
+/// Options of `cargo xtask test`.
+#[derive(Args)]
+pub struct Options {
+    /// Skip `cargo xtask lint`.
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// Runs the whole test step.
+pub fn run(options: &Options) -> Result<()> {
+    setup::run()?;
+    if !options.no_lint {
+        lint::lint()?;
+    }
+    let binary = build::build(false)?;
+    let root = util::is_root()?;
+
+    let mut cmd = util::cargo()?;
+    cmd.arg("test").args(&options.args).env("PORT_TRACE_BIN", &binary);
+    if !root {
+        let host = host_triple()?;
+        let runner = format!("CARGO_TARGET_{}_RUNNER", host.to_uppercase().replace(['-', '.'], "_"));
+        eprintln!("test: not root; running the test binaries through `sudo -E` ({runner})");
+        cmd.env(runner, "sudo -E");
+    }
+    util::run(&mut cmd)
+}
+
+/// The host target triple of the default toolchain (`host:` of `rustc -vV`).
+fn host_triple() -> Result<String> {
+    let version = util::output(Command::new("rustc").arg("-vV"))?;
+    version
+        .lines()
+        .find_map(|line| line.strip_prefix("host:"))
+        .map(|host| host.trim().to_owned())
+        .context("`rustc -vV` has no `host:` line")
+}
