@@ -129,6 +129,10 @@ pub struct TraceArgs {
     /// Show the kernel verifier's log when a program is refused.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Do not use this attach mechanism (tp_btf, raw_tp, tracepoint,
+    /// cgroup), as if the kernel refused it: exercises the fallbacks.
+    #[arg(long, value_name = "MECHANISM", hide = true)]
+    pub skip_mechanism: Vec<String>,
 }
 
 /// `watch` options.

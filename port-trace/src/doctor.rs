@@ -10,6 +10,7 @@ use crate::{privileges, system};
 #[derive(Serialize)]
 struct Row<'a> {
     hook: &'a str,
+    mechanism: &'a str,
     backend: &'a str,
     available: bool,
     reason: Option<&'a str>,
@@ -17,18 +18,24 @@ struct Row<'a> {
 
 /// The backend `auto` picks, and why the better ones are out.
 fn choose(probes: &[Probe]) -> (String, Vec<String>) {
-    let status = |backend: &str| probes.iter().filter(|p| p.backend == backend).all(|p| p.result.is_ok());
+    // Complete when every hook has at least one mechanism the kernel accepts.
+    let complete = |backend: &str| {
+        probes
+            .iter()
+            .filter(|p| p.backend == backend)
+            .all(|p| probes.iter().any(|q| q.hook == p.hook && q.result.is_ok()))
+    };
     let mut why_not = Vec::new();
     for (backend, what) in [("precise", "fentry/fexit"), ("kprobe", "kprobes")] {
         if let Some(Err(reason)) = probes.iter().find(|p| p.backend == backend).map(|p| &p.result) {
-            why_not.push(format!("{backend}: {what} {reason}"));
+            why_not.push(format!("{backend}: {reason}"));
         } else {
             why_not.push(format!(
                 "{backend}: the kernel allows {what}, but this version implements only the portable backend"
             ));
         }
     }
-    let portable = if status("portable") { "portable" } else { "portable (partial: some hooks refused)" };
+    let portable = if complete("portable") { "portable" } else { "portable (partial: some hooks refused)" };
     (portable.to_string(), why_not)
 }
 
@@ -45,6 +52,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             .iter()
             .map(|p| Row {
                 hook: &p.hook,
+                mechanism: p.mechanism,
                 backend: p.backend,
                 available: p.result.is_ok(),
                 reason: p.result.as_ref().err().map(String::as_str),
@@ -54,6 +62,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             "kernel": system::kernel_release(),
             "btf": std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
             "tracefs": system::tracefs_root(),
+            "tracefs_private": system::tracefs_is_private(),
             "cgroup2": system::cgroup2_root(),
             "hooks": rows,
             "backend": chosen,
@@ -69,22 +78,25 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     );
     println!(
         "tracefs  {}",
-        system::tracefs_root()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "not mounted (watch mounts it in a private mount namespace for itself)".into())
+        match (system::tracefs_root(), system::tracefs_is_private()) {
+            (Some(_), true) => "not mounted on the host; port-trace mounts it in a private mount namespace".to_string(),
+            (Some(p), false) => p.display().to_string(),
+            (None, _) => "not mounted, and a private mount failed: syscall tracepoints are unavailable".to_string(),
+        }
     );
     println!(
         "cgroup2  {}",
         system::cgroup2_root().map(|p| p.display().to_string()).unwrap_or_else(|| "not mounted".into())
     );
     println!();
-    println!("{:<38} {:<9} {:<10} DETAIL", "HOOK", "BACKEND", "STATUS");
+    println!("{:<45} {:<9} {:<8} DETAIL", "HOOK", "BACKEND", "STATUS");
     for p in &probes {
         let (status, detail) = match &p.result {
             Ok(()) => ("ok", ""),
             Err(reason) => ("refused", reason.as_str()),
         };
-        println!("{:<38} {:<9} {:<10} {}", p.hook, p.backend, status, detail);
+        let hook = if p.backend == "portable" { format!("{} ({})", p.hook, p.mechanism) } else { p.hook.clone() };
+        println!("{:<45} {:<9} {:<8} {}", hook, p.backend, status, detail);
     }
     println!();
     println!("backend: auto chooses {chosen}");

@@ -8,7 +8,8 @@ use std::io;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{
-    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, KProbe, ProgramError, TracePoint,
+    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, KProbe, ProgramError, RawTracePoint,
+    TracePoint,
 };
 use aya::{Btf, Ebpf, EbpfLoader};
 use port_trace_common::{KernelConfig, ABI_VERSION, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP};
@@ -24,6 +25,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 enum Attach {
     /// `tp_btf/NAME`.
     BtfTracepoint(&'static str),
+    /// `raw_tp/NAME`.
+    RawTracepoint(&'static str),
     /// A classic tracepoint `CATEGORY:NAME` (needs tracefs).
     Tracepoint(&'static str, &'static str),
     /// A cgroup `sock_addr` program on the cgroup v2 root.
@@ -32,77 +35,109 @@ enum Attach {
     CgroupSock,
 }
 
-/// One hook of the portable backend.
-struct Hook {
-    /// Program (function) name in the object.
+impl Attach {
+    /// The mechanism's name, as users see it.
+    fn mechanism(self) -> &'static str {
+        match self {
+            Attach::BtfTracepoint(_) => "tp_btf",
+            Attach::RawTracepoint(_) => "raw_tp",
+            Attach::Tracepoint(..) => "tracepoint",
+            Attach::CgroupSockAddr | Attach::CgroupSock => "cgroup",
+        }
+    }
+}
+
+/// One way to reach a hook: a program of the object and how to attach it.
+#[derive(Clone, Copy, Debug)]
+struct Way {
     program: &'static str,
+    attach: Attach,
+}
+
+/// One hook of the portable backend, with its mechanisms in order of
+/// preference: the first that the kernel accepts is used.
+struct Hook {
     /// Name users see.
     name: &'static str,
-    attach: Attach,
+    ways: &'static [Way],
     purpose: &'static str,
+    /// Without it the trace is pointless.
+    essential: bool,
+}
+
+const fn way(program: &'static str, attach: Attach) -> Way {
+    Way { program, attach }
 }
 
 /// The portable backend: tracepoints and cgroup v2 hooks, no function tracing.
 const PORTABLE_HOOKS: &[Hook] = &[
     Hook {
-        program: "inet_sock_set_state",
-        name: "tp_btf/inet_sock_set_state",
-        attach: Attach::BtfTracepoint("inet_sock_set_state"),
+        name: "sock:inet_sock_set_state",
+        ways: &[
+            way("inet_sock_set_state", Attach::BtfTracepoint("inet_sock_set_state")),
+            way("inet_sock_set_state_raw", Attach::RawTracepoint("inet_sock_set_state")),
+        ],
         purpose: "TCP states, connect ports, TCP releases",
+        essential: true,
     },
     Hook {
-        program: "tcp_destroy_sock",
-        name: "tp_btf/tcp_destroy_sock",
-        attach: Attach::BtfTracepoint("tcp_destroy_sock"),
+        name: "tcp:tcp_destroy_sock",
+        ways: &[
+            way("tcp_destroy_sock", Attach::BtfTracepoint("tcp_destroy_sock")),
+            way("tcp_destroy_sock_raw", Attach::RawTracepoint("tcp_destroy_sock")),
+        ],
         purpose: "release of explicitly bound TCP ports",
+        essential: false,
     },
     Hook {
-        program: "bind4",
         name: "cgroup/bind4",
-        attach: Attach::CgroupSockAddr,
+        ways: &[way("bind4", Attach::CgroupSockAddr)],
         purpose: "port asked of bind() (IPv4)",
+        essential: false,
     },
     Hook {
-        program: "bind6",
         name: "cgroup/bind6",
-        attach: Attach::CgroupSockAddr,
+        ways: &[way("bind6", Attach::CgroupSockAddr)],
         purpose: "port asked of bind() (IPv6)",
+        essential: false,
     },
     Hook {
-        program: "post_bind4",
         name: "cgroup/post_bind4",
-        attach: Attach::CgroupSock,
+        ways: &[way("post_bind4", Attach::CgroupSock)],
         purpose: "bind() allocations (IPv4)",
+        essential: true,
     },
     Hook {
-        program: "post_bind6",
         name: "cgroup/post_bind6",
-        attach: Attach::CgroupSock,
+        ways: &[way("post_bind6", Attach::CgroupSock)],
         purpose: "bind() allocations (IPv6)",
+        essential: false,
     },
     Hook {
-        program: "connect4",
         name: "cgroup/connect4",
-        attach: Attach::CgroupSockAddr,
+        ways: &[way("connect4", Attach::CgroupSockAddr)],
         purpose: "connect() start (IPv4)",
+        essential: false,
     },
     Hook {
-        program: "connect6",
         name: "cgroup/connect6",
-        attach: Attach::CgroupSockAddr,
+        ways: &[way("connect6", Attach::CgroupSockAddr)],
         purpose: "connect() start (IPv6)",
+        essential: false,
     },
     Hook {
-        program: "sys_exit_connect",
-        name: "tracepoint/syscalls/sys_exit_connect",
-        attach: Attach::Tracepoint("syscalls", "sys_exit_connect"),
+        name: "syscalls:sys_exit_connect",
+        ways: &[way("sys_exit_connect", Attach::Tracepoint("syscalls", "sys_exit_connect"))],
         purpose: "connect() ports and errors, UDP connect autobind",
+        essential: false,
     },
-    Hook { program: "sock_release", name: "cgroup/sock_release", attach: Attach::CgroupSock, purpose: "UDP releases" },
+    Hook {
+        name: "cgroup/sock_release",
+        ways: &[way("sock_release", Attach::CgroupSock)],
+        purpose: "UDP releases",
+        essential: false,
+    },
 ];
-
-/// Hooks without which the trace is pointless.
-const ESSENTIAL: &[&str] = &["inet_sock_set_state", "post_bind4"];
 
 /// The errno behind an aya error, if any.
 fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
@@ -164,15 +199,20 @@ fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
         .context("loading the eBPF object (maps) failed")
 }
 
-fn attach_one(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf, cgroup: Option<&File>) -> std::result::Result<(), String> {
+fn attach_way(ebpf: &mut Ebpf, way: Way, btf: &Btf, cgroup: Option<&File>, verbose: bool) -> Result<(), String> {
     let program =
-        ebpf.program_mut(hook.program).ok_or_else(|| format!("program {} missing from the object", hook.program))?;
-    let err = |e: ProgramError| describe_error(&e, false);
-    match hook.attach {
+        ebpf.program_mut(way.program).ok_or_else(|| format!("program {} missing from the object", way.program))?;
+    let err = |e: ProgramError| describe_error(&e, verbose);
+    match way.attach {
         Attach::BtfTracepoint(name) => {
             let p: &mut BtfTracePoint = program.try_into().map_err(err)?;
             p.load(name, btf).map_err(err)?;
             p.attach().map_err(err)?;
+        }
+        Attach::RawTracepoint(name) => {
+            let p: &mut RawTracePoint = program.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            p.attach(name).map_err(err)?;
         }
         Attach::Tracepoint(category, name) => {
             if system::tracefs_root().is_none() {
@@ -186,7 +226,7 @@ fn attach_one(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf, cgroup: Option<&File>) ->
             let Some(cgroup) = cgroup else {
                 return Err("no cgroup v2 hierarchy is mounted".into());
             };
-            if let Attach::CgroupSockAddr = hook.attach {
+            if let Attach::CgroupSockAddr = way.attach {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
                 p.load().map_err(err)?;
                 p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
@@ -200,28 +240,66 @@ fn attach_one(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf, cgroup: Option<&File>) ->
     Ok(())
 }
 
+/// Tries the hook's mechanisms in order. `Ok` names the one used (and why
+/// the better ones were refused); `Err` says why none worked.
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    btf: &Btf,
+    cgroup: Option<&File>,
+    options: &LoadOptions,
+) -> Result<String, String> {
+    let mut refused = Vec::new();
+    for way in hook.ways {
+        let mechanism = way.attach.mechanism();
+        let attempt = if options.skip_mechanisms.iter().any(|m| m == mechanism) {
+            Err("skipped (--skip-mechanism)".to_string())
+        } else {
+            attach_way(ebpf, *way, btf, cgroup, options.verbose)
+        };
+        match attempt {
+            Ok(()) if refused.is_empty() => return Ok(format!("attached ({})", way.attach.mechanism())),
+            Ok(()) => return Ok(format!("attached ({}; fallback: {})", way.attach.mechanism(), refused.join("; "))),
+            Err(reason) => refused.push(format!("{} {reason}", way.attach.mechanism())),
+        }
+    }
+    Err(refused.join("; "))
+}
+
+/// How to load the backend.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Ring buffer size in bytes.
+    pub ring_bytes: u32,
+    /// Include verifier logs in refusals.
+    pub verbose: bool,
+    /// Mechanisms to treat as refused (testing the fallbacks).
+    pub skip_mechanisms: Vec<String>,
+}
+
 /// Loads and attaches the portable backend. Fails only when nothing useful
 /// could be attached.
-pub fn load_portable(config: &KernelConfig, ring_bytes: u32) -> Result<Backend> {
+pub fn load_portable(config: &KernelConfig, options: &LoadOptions) -> Result<Backend> {
+    let ring_bytes = options.ring_bytes;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let mut ebpf = load_object(config, ring_bytes)?;
     let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
     let mut hooks = Vec::new();
     let mut refused_essential = Vec::new();
     for hook in PORTABLE_HOOKS {
-        let status = match attach_one(&mut ebpf, hook, &btf, cgroup.as_ref()) {
-            Ok(()) => "attached".to_string(),
+        let status = match attach_hook(&mut ebpf, hook, &btf, cgroup.as_ref(), options) {
+            Ok(status) => status,
             Err(reason) => {
-                if ESSENTIAL.contains(&hook.program) {
+                if hook.essential {
                     refused_essential.push(format!("{}: {reason}", hook.name));
                 }
-                reason
+                format!("not attached: {reason}")
             }
         };
         hooks.push(HookReport { hook: hook.name.to_string(), purpose: hook.purpose, status });
     }
     if !refused_essential.is_empty() {
-        anyhow::bail!("the kernel refused the hooks port-trace cannot work without: {}", refused_essential.join("; "));
+        anyhow::bail!("the kernel refused hooks port-trace cannot work without: {}", refused_essential.join("; "));
     }
     Ok(Backend { ebpf, hooks })
 }
@@ -259,6 +337,8 @@ pub fn kernel_config(netns_filter: Option<u32>) -> Result<KernelConfig> {
 pub struct Probe {
     /// The hook or mechanism.
     pub hook: String,
+    /// How it was reached (`tp_btf`, `raw_tp`, `cgroup`, ...).
+    pub mechanism: &'static str,
     /// Which backend uses it.
     pub backend: &'static str,
     /// `Ok` when usable, else why not.
@@ -284,7 +364,12 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
         p.attach().map_err(|e| describe_error(&e, verbose))?;
         Ok(())
     })();
-    probes.push(Probe { hook: "fentry/fexit (BTF trampolines)".into(), backend: "precise", result: fentry });
+    probes.push(Probe {
+        hook: "fentry/fexit (BTF trampolines)".into(),
+        mechanism: "fentry",
+        backend: "precise",
+        result: fentry,
+    });
 
     let kprobe = (|| -> std::result::Result<(), String> {
         if !system::kprobes_available() {
@@ -299,14 +384,22 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
         p.attach("inet_put_port", 0).map_err(|e| describe_error(&e, verbose))?;
         Ok(())
     })();
-    probes.push(Probe { hook: "kprobe/kretprobe".into(), backend: "kprobe", result: kprobe });
+    probes.push(Probe { hook: "kprobe/kretprobe".into(), mechanism: "kprobe", backend: "kprobe", result: kprobe });
     drop(ebpf);
 
-    let mut ebpf = load_object(&config, 4096)?;
-    let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
     for hook in PORTABLE_HOOKS {
-        let result = attach_one(&mut ebpf, hook, &btf, cgroup.as_ref());
-        probes.push(Probe { hook: hook.name.to_string(), backend: "portable", result });
+        for way in hook.ways {
+            // A fresh object per mechanism, so each is tried on its own.
+            let mut ebpf = load_object(&config, 4096)?;
+            let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
+            let result = attach_way(&mut ebpf, *way, &btf, cgroup.as_ref(), verbose);
+            probes.push(Probe {
+                hook: hook.name.to_string(),
+                mechanism: way.attach.mechanism(),
+                backend: "portable",
+                result,
+            });
+        }
     }
     Ok(probes)
 }

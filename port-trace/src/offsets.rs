@@ -32,6 +32,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
             sk_err: field(btf, "sock.sk_err", 4)?,
             inet_sport: field(btf, "inet_sock.inet_sport", 2)?,
             net_ns_inum: field(btf, "net.ns.inum", 4)?,
+            skc_cookie: field(btf, "sock_common.skc_cookie", 8)?,
+            reserved: 0,
         })
     };
     get().context("this kernel's socket structures are not what port-trace knows how to read")

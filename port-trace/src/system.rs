@@ -146,6 +146,22 @@ mod tests {
 /// any thread is started (`unshare(CLONE_NEWNS)` refuses threaded callers).
 /// Returns whether it mounted anything.
 pub fn ensure_private_tracefs() -> Result<bool> {
+    let result = mount_private_tracefs();
+    if let Ok(true) = result {
+        PRIVATE_TRACEFS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    result
+}
+
+/// Set once [`ensure_private_tracefs`] mounted tracefs for this process.
+static PRIVATE_TRACEFS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether tracefs is mounted only in this process's private mount namespace.
+pub fn tracefs_is_private() -> bool {
+    PRIVATE_TRACEFS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn mount_private_tracefs() -> Result<bool> {
     if tracefs_root().is_some() {
         return Ok(false);
     }
@@ -156,8 +172,13 @@ pub fn ensure_private_tracefs() -> Result<bool> {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
             bail!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error());
         }
-        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null())
-            != 0
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
         {
             bail!("making / a slave mount: {}", std::io::Error::last_os_error());
         }

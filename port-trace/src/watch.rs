@@ -105,7 +105,14 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let format = args.format.unwrap_or(if terminal { Format::Text } else { Format::Json });
 
     let config = kernel::kernel_config(netns)?;
-    let mut backend = kernel::load_portable(&config, args.trace.ring_buffer_kib * 1024)?;
+    let mut backend = kernel::load_portable(
+        &config,
+        &kernel::LoadOptions {
+            ring_bytes: args.trace.ring_buffer_kib * 1024,
+            verbose: args.trace.verbose,
+            skip_mechanisms: args.trace.skip_mechanism.clone(),
+        },
+    )?;
     let events = backend.take_events()?;
     let lost_map = backend.take_lost()?;
     let started = BootClock::boot_now_ns();
@@ -121,8 +128,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         netns,
         started_boot_ns: started,
     };
-    for hook in backend.hooks.iter().filter(|h| h.status != "attached") {
-        eprintln!("port-trace: warning: {} not attached ({}): {}", hook.hook, hook.purpose, hook.status);
+    for hook in backend.hooks.iter().filter(|h| !h.status.starts_with("attached")) {
+        eprintln!("port-trace: warning: {} ({}): {}", hook.hook, hook.purpose, hook.status);
     }
 
     let mut output = Output::new(writer, format, args.lifecycles, clock);

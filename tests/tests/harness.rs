@@ -1,0 +1,159 @@
+//! Tests of the test harness itself, without port-trace: the namespace
+//! guard, the workload's truth, and the tracer child-process handling
+//! (driven by small shell scripts, never by a stand-in for the tracer's
+//! findings).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use port_trace_integration::netns::NetNs;
+use port_trace_integration::tracer::Tracer;
+use port_trace_integration::{require_root, run_workload};
+
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_port-workload");
+
+fn own_netns_inode() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+}
+
+#[test]
+fn netns_is_private_and_deleted_on_drop() {
+    if !require_root("netns_is_private_and_deleted_on_drop") {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    let path = ns.path();
+    assert!(path.exists());
+    assert_ne!(ns.inode(), own_netns_inode());
+    // The inode is what a process inside sees.
+    let out = ns.command("readlink").arg("/proc/self/ns/net").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("net:[{}]", ns.inode()));
+    // Loopback is up, with both addresses.
+    let out = ns.command("ip").args(["-br", "addr", "show", "lo"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("127.0.0.1/8") && text.contains("::1/128"), "{text}");
+    drop(ns);
+    assert!(!path.exists(), "{} left behind", path.display());
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(&name));
+}
+
+#[test]
+fn netns_is_deleted_when_a_test_panics() {
+    if !require_root("netns_is_deleted_when_a_test_panics") {
+        return;
+    }
+    let mut path = None;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let ns = NetNs::new().unwrap();
+        path = Some(ns.path());
+        panic!("deliberate panic with {} alive", ns.name());
+    }));
+    assert!(r.is_err());
+    let path = path.unwrap();
+    assert!(!path.exists(), "{} survived the panic", path.display());
+}
+
+#[test]
+fn workload_truth_is_consistent_with_the_kernel() {
+    if !require_root("workload_truth_is_consistent_with_the_kernel") {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 49999").unwrap();
+    let range = ns.ephemeral_range().unwrap();
+    assert_eq!(range, (40000, 49999));
+    let truth = run_workload(&ns, Path::new(WORKLOAD), "basic").unwrap();
+    let problems = truth.basic_problems(range);
+    assert!(problems.is_empty(), "{problems:#?}\n{truth:#?}");
+    // The pid is the workload's: `ip netns exec` execs it in place, so the
+    // process that printed it is gone, and the pid was not ours.
+    assert_ne!(truth.pid, std::process::id());
+    assert!(truth.failures().is_empty(), "binds refused in a fresh namespace: {truth:#?}");
+}
+
+#[test]
+fn workload_rejects_unknown_scenarios() {
+    let out = Command::new(WORKLOAD).arg("nope").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}
+
+fn sh(script: &str) -> Vec<OsString> {
+    vec!["-c".into(), script.into()]
+}
+
+#[test]
+fn missing_tracer_binary_is_a_clear_error() {
+    let err =
+        Tracer::start(Path::new("/nonexistent/port-trace"), &[], Duration::from_secs(1)).err().expect("must fail");
+    assert!(err.to_string().contains("does not exist"), "{err:#}");
+}
+
+#[test]
+fn tracer_without_header_fails_in_time() {
+    let t0 = Instant::now();
+    let err = Tracer::start(Path::new("/bin/sh"), &sh("sleep 5"), Duration::from_millis(500)).err().expect("must fail");
+    assert!(err.to_string().contains("no header"), "{err:#}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+
+    let err = Tracer::start(Path::new("/bin/sh"), &sh("echo hello; echo oops >&2"), Duration::from_secs(5))
+        .err()
+        .expect("must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("hello") && msg.contains("oops"), "{msg}");
+}
+
+#[test]
+fn tracer_is_stopped_with_sigint_and_every_line_collected() {
+    let script = r#"
+        trap 'echo "{\"type\":\"summary\"}"; exit 0' INT
+        echo '{"type":"header","schema":1}'
+        echo '{"type":"alloc","lport":1}'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    assert_eq!(t.header["schema"], 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let out = t.stop(Duration::from_secs(5)).unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.records.len(), 2, "{}", out.dump());
+    assert!(out.exit_problems().is_empty(), "{:?}", out.exit_problems());
+}
+
+#[test]
+fn tracer_ignoring_sigint_is_killed_and_fails() {
+    let script = r#"
+        trap '' INT
+        echo '{"type":"header"}'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let pid = t.pid();
+    let err = t.stop(Duration::from_millis(500)).expect_err("must fail");
+    assert!(err.to_string().contains("did not exit"), "{err:#}");
+    // SAFETY: signal 0 only checks existence.
+    assert_ne!(unsafe { libc::kill(pid as i32, 0) }, 0, "pid {pid} still alive");
+}
+
+#[test]
+fn tracer_non_json_line_and_bad_exit_are_reported() {
+    let script = r#"
+        trap 'echo "not json"; exit 3' INT
+        echo '{"type":"header"}'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let err = t.stop(Duration::from_secs(5)).expect_err("must fail");
+    assert!(err.to_string().contains("not json"), "{err:#}");
+
+    let script = r#"
+        trap 'printf "{\"type\":\"alloc\"}"; exit 3' INT
+        echo '{"type":"header"}'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let out = t.stop(Duration::from_secs(5)).unwrap();
+    let p = out.exit_problems();
+    assert_eq!(p.len(), 3, "{p:?}"); // exit 3, no summary, unterminated line
+}
