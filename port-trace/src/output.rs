@@ -339,8 +339,14 @@ impl Output {
     pub fn lost(&mut self, ts_ns: u64, count: u64) -> io::Result<()> {
         match self.format {
             Format::Json => {
-                let line = serde_json::json!({"type": "lost", "ts": self.clock.rfc3339(ts_ns), "count": count});
-                serde_json::to_writer(&mut self.writer, &line)?;
+                #[derive(Serialize)]
+                struct Line {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    ts: String,
+                    count: u64,
+                }
+                serde_json::to_writer(&mut self.writer, &Line { kind: "lost", ts: self.clock.rfc3339(ts_ns), count })?;
                 self.writer.write_all(b"\n")
             }
             Format::Text => {

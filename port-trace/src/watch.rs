@@ -15,11 +15,18 @@ use crate::clock::BootClock;
 use crate::filter::Filter;
 use crate::kernel;
 use crate::model::{Family, Proto};
-use crate::output::{summary_text, Format, Header, Output, Summary};
+use crate::output::{summary_text, Counts, Format, Header, Output, Summary};
 use crate::pipeline::Pipeline;
 use crate::privileges;
 use crate::system;
 use crate::UsageError;
+
+/// Events the kernel could not deliver, and `lost` records written.
+#[derive(Default)]
+struct Loss {
+    events: u64,
+    records: u64,
+}
 
 /// Flush at least this often (the contract: every 100 ms).
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -134,9 +141,9 @@ pub async fn run(args: WatchArgs) -> Result<()> {
 
     let mut output = Output::new(writer, format, args.lifecycles, clock);
     let mut pipeline = Pipeline::new(filter);
-    let mut lost_total = 0u64;
+    let mut loss = Loss::default();
     let result =
-        trace_loop(&mut output, &header, &mut pipeline, events, &lost_map, &mut lost_total, args.trace.duration).await;
+        trace_loop(&mut output, &header, &mut pipeline, events, &lost_map, &mut loss, args.trace.duration).await;
     match result {
         Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_broken_pipe) => return Ok(()),
         Err(e) => return Err(e),
@@ -149,8 +156,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let per_s = |n: u64| if duration_s > 0.0 { n as f64 / duration_s } else { 0.0 };
     let summary = Summary {
         duration_s,
-        counts: pipeline.counts.clone(),
-        lost: lost_total,
+        counts: Counts { lost: loss.records, ..pipeline.counts.clone() },
+        lost: loss.events,
         decode_errors: pipeline.decode_errors,
         ports_in_use: pipeline.tracker.ports_in_use(),
         time_wait: pipeline.tracker.time_wait_ports(),
@@ -180,7 +187,7 @@ async fn trace_loop(
     pipeline: &mut Pipeline,
     events: aya::maps::RingBuf<aya::maps::MapData>,
     lost_map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    lost_total: &mut u64,
+    loss: &mut Loss,
     duration: Option<Duration>,
 ) -> Result<()> {
     output.header(header)?;
@@ -201,11 +208,12 @@ async fn trace_loop(
     };
     tokio::pin!(deadline);
 
-    let report_lost = |output: &mut Output, lost_total: &mut u64| -> io::Result<()> {
+    let report_lost = |output: &mut Output, loss: &mut Loss| -> io::Result<()> {
         let lost = kernel::read_lost(lost_map);
-        if lost > *lost_total {
-            output.lost(BootClock::boot_now_ns(), lost - *lost_total)?;
-            *lost_total = lost;
+        if lost > loss.events {
+            output.lost(BootClock::boot_now_ns(), lost - loss.events)?;
+            loss.events = lost;
+            loss.records += 1;
         }
         Ok(())
     };
@@ -221,7 +229,7 @@ async fn trace_loop(
                 guard.clear_ready();
             }
             _ = flush_tick.tick() => {
-                report_lost(output, lost_total)?;
+                report_lost(output, loss)?;
                 output.flush()?;
             }
             _ = sigint.recv() => break,
@@ -234,6 +242,6 @@ async fn trace_loop(
     while let Some(item) = ring.next() {
         pipeline.feed(&item, |rec| output.record(rec))?;
     }
-    report_lost(output, lost_total)?;
+    report_lost(output, loss)?;
     Ok(())
 }
