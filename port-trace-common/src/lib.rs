@@ -6,6 +6,7 @@
 //! (checked by the size assertions at the bottom). Userspace decodes them with
 //! `TryFrom` into typed events (see `port_trace::decode`).
 #![no_std]
+#![warn(missing_docs)]
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
@@ -120,6 +121,11 @@ pub struct KernelOffsets {
     pub inet_sport: u32,
     /// `net.ns.inum`
     pub net_ns_inum: u32,
+    /// `sock_common.skc_cookie` (an `atomic64_t`), read by the raw tracepoint
+    /// fallback, where `bpf_get_socket_cookie` is not offered.
+    pub skc_cookie: u32,
+    /// Unused; keeps the struct free of padding.
+    pub reserved: u32,
 }
 
 /// Read-only configuration the loader writes into the programs' `CONFIG`
@@ -145,8 +151,8 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 104);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 64);
 
 #[cfg(feature = "user")]
 mod user {

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Live stream of port events (the default command).
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
     /// Which hooks this kernel allows, and the backend `auto` would choose.
     Doctor(DoctorArgs),
 }

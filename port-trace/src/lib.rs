@@ -4,6 +4,8 @@
 //! modules with no kernel dependency; [`kernel`] is the thin part that loads
 //! and attaches the programs.
 
+#![warn(missing_docs)]
+
 pub mod btf;
 pub mod cli;
 pub mod clock;

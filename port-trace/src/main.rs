@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Doctor(args)) => doctor::run(args),
-        Some(Command::Watch(args)) => runtime.block_on(watch::run(args)),
+        Some(Command::Watch(args)) => runtime.block_on(watch::run(*args)),
         None => runtime.block_on(watch::run(cli.watch)),
     };
     match result {

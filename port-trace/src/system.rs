@@ -117,28 +117,6 @@ pub fn resolve_cgroup(arg: &str) -> Result<u64> {
     Ok(meta.ino())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_port_range() {
-        assert_eq!(parse_range("32768\t60999\n").unwrap(), [32768, 60999]);
-        assert!(parse_range("garbage").is_err());
-    }
-
-    #[test]
-    fn reads_own_namespace_facts() {
-        let range = ephemeral_range(None).unwrap();
-        assert!(range[0] <= range[1]);
-        assert_eq!(ephemeral_range(Some("/proc/self/ns/net")).unwrap(), range);
-        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own_netns().unwrap());
-        assert!(resolve_netns("/nonexistent/ns").is_err());
-        assert!(resolve_netns("/etc/hostname").is_err());
-        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
-    }
-}
-
 /// Makes tracefs visible to this process when the host has not mounted it:
 /// the process moves to a mount namespace of its own (a slave of the host's,
 /// so later host mounts such as new `/run/netns` entries still appear) and
@@ -187,4 +165,26 @@ fn mount_private_tracefs() -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_range() {
+        assert_eq!(parse_range("32768\t60999\n").unwrap(), [32768, 60999]);
+        assert!(parse_range("garbage").is_err());
+    }
+
+    #[test]
+    fn reads_own_namespace_facts() {
+        let range = ephemeral_range(None).unwrap();
+        assert!(range[0] <= range[1]);
+        assert_eq!(ephemeral_range(Some("/proc/self/ns/net")).unwrap(), range);
+        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own_netns().unwrap());
+        assert!(resolve_netns("/nonexistent/ns").is_err());
+        assert!(resolve_netns("/etc/hostname").is_err());
+        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+    }
 }
