@@ -22,6 +22,8 @@ static CONFIG: KernelConfig = KernelConfig {
         sk_err: 0,
         inet_sport: 0,
         net_ns_inum: 0,
+        skc_cookie: 0,
+        reserved: 0,
     },
 };
 
@@ -107,4 +109,11 @@ pub fn sk_err(cfg: &KernelConfig, sk: u64) -> i32 {
 #[inline(always)]
 pub fn protocol(cfg: &KernelConfig, sk: u64) -> u16 {
     read(sk, cfg.offsets.sk_protocol)
+}
+
+/// `sk_cookie`: set once anything asked for the socket's cookie (every cgroup
+/// hook of ours does, so every socket we follow has one); 0 otherwise.
+#[inline(always)]
+pub fn stored_cookie(cfg: &KernelConfig, sk: u64) -> u64 {
+    read(sk, cfg.offsets.skc_cookie)
 }

@@ -1,7 +1,12 @@
 //! TCP hooks that need no function tracing: `sock:inet_sock_set_state` and
-//! `tcp:tcp_destroy_sock`, both as BTF tracepoints (typed `struct sock *`).
+//! `tcp:tcp_destroy_sock`, each as a BTF tracepoint (typed `struct sock *`,
+//! preferred) and as a raw tracepoint (the fallback).
 
-use aya_ebpf::{helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
 use port_trace_common::kind;
 
 use crate::{emit, sk};
@@ -9,15 +14,30 @@ use crate::{emit, sk};
 const IPPROTO_TCP: u16 = 6;
 const TCP_CLOSE: u8 = 7;
 
+/// How a program learns the socket cookie.
+#[derive(Clone, Copy)]
+enum Cookie {
+    /// `bpf_get_socket_cookie` on the typed pointer (tp_btf).
+    Helper,
+    /// Read `sk_cookie` (raw_tp, where the helper is not offered).
+    Stored,
+}
+
+#[inline(always)]
+fn cookie_of(how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &port_trace_common::KernelConfig, sk: u64) -> u64 {
+    match how {
+        // SAFETY: sk_ptr is the tracepoint's typed socket argument.
+        Cookie::Helper => unsafe { bpf_get_socket_cookie(sk_ptr) },
+        Cookie::Stored => sk::stored_cookie(cfg, sk),
+    }
+}
+
 /// `inet_sk_state_store()` / `inet_sk_set_state()` fire this *after*
 /// `tcp_set_state()` ran `inet_put_port()` for a move to CLOSE, so `skc_num`
 /// tells whether this socket still holds its port (an explicit `bind(port)`,
 /// `SOCK_BINDPORT_LOCK`, keeps it until `tcp_v4_destroy_sock`).
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    let new: i32 = ctx.arg(2);
+#[inline(always)]
+fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: Cookie) -> i32 {
     let cfg = sk::config();
     if cfg.abi_version == 0 {
         return 0;
@@ -37,8 +57,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let ev = event.fields();
-    // SAFETY: sk_ptr is the tracepoint's typed socket argument.
-    ev.cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    ev.cookie = cookie_of(how, sk_ptr, &cfg, sk);
     ev.netns = netns;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
@@ -49,11 +68,22 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// `sock:inet_sock_set_state` as a BTF tracepoint (preferred).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), Cookie::Helper)
+}
+
+/// The same as a raw tracepoint, for kernels that refuse BTF tracing programs.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), Cookie::Stored)
+}
+
 /// `tcp_v4_destroy_sock()` (IPv6 too) fires this before its own
 /// `inet_put_port()`: a socket that still holds a port here gives it back now.
-#[btf_tracepoint(function = "tcp_destroy_sock")]
-pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+#[inline(always)]
+fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: Cookie) -> i32 {
     let cfg = sk::config();
     if cfg.abi_version == 0 {
         return 0;
@@ -71,11 +101,22 @@ pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let ev = event.fields();
-    // SAFETY: sk_ptr is the tracepoint's typed socket argument.
-    ev.cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    ev.cookie = cookie_of(how, sk_ptr, &cfg, sk);
     ev.netns = netns;
     sk::fill_tuple(&cfg, sk, ev);
     ev.req_port = held;
     event.submit();
     0
+}
+
+/// `tcp:tcp_destroy_sock` as a BTF tracepoint (preferred).
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    on_destroy(ctx.arg(0), Cookie::Helper)
+}
+
+/// The same as a raw tracepoint.
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock_raw(ctx: RawTracePointContext) -> i32 {
+    on_destroy(ctx.arg(0), Cookie::Stored)
 }
