@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
@@ -25,8 +25,24 @@ pub mod kind {
     /// `connect()` ended; `ret` is its return value, `req_port` the local port
     /// the socket had before the call (0: the kernel had to pick one).
     pub const CONNECT: u16 = 4;
-    /// cgroup `sock_release`: a UDP socket is closed by its last owner.
+    /// cgroup `sock_release` or `udp_lib_unhash` (precise): a UDP socket
+    /// gives its port back (close, or `connect(AF_UNSPEC)` per `syscall_nr`).
     pub const UDP_RELEASE: u16 = 5;
+    /// fexit `inet_csk_get_port` / `udp_v4_get_port` / `udp_v6_get_port`:
+    /// the kernel tried to give the socket a port. `req_port` is the port
+    /// asked for (0: any), `ret` the result (0, a negative errno, or 1 on
+    /// kernels before 6.0), `old_state` the socket state (LISTEN for
+    /// `listen()`), `syscall_nr` the caller's syscall.
+    pub const GET_PORT: u16 = 6;
+    /// fentry `inet_put_port`: a TCP socket gives up its port (`lport`);
+    /// `old_state` is its state then, `ret` its `sk_err`.
+    pub const PUT_PORT: u16 = 7;
+    /// fentry `inet_twsk_hashdance_schedule`: a TIME_WAIT socket takes over
+    /// the port of the socket (`cookie`) in state `old_state`.
+    pub const TIME_WAIT_START: u16 = 8;
+    /// fentry `inet_twsk_bind_unhash` (or the `tcp_twsk_destructor`
+    /// backstop): the TIME_WAIT socket with this cookie frees the port.
+    pub const TIME_WAIT_END: u16 = 9;
 }
 
 /// Bits of [`RawEvent::flags`].
@@ -89,6 +105,11 @@ pub struct RawEvent {
     pub raddr: [u8; 16],
     /// `bpf_get_current_comm()`, NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// The current task's syscall number (`orig_ax` on x86_64), -1 when
+    /// unknown (cgroup hooks, softirq).
+    pub syscall_nr: i32,
+    /// Unused; keeps the struct free of padding.
+    pub reserved: u32,
 }
 
 /// Offsets, in bytes, of the kernel struct fields the programs read. They are
@@ -124,8 +145,14 @@ pub struct KernelOffsets {
     /// `sock_common.skc_cookie` (an `atomic64_t`), read by the raw tracepoint
     /// fallback, where `bpf_get_socket_cookie` is not offered.
     pub skc_cookie: u32,
-    /// Unused; keeps the struct free of padding.
-    pub reserved: u32,
+    /// `sock_common.skc_state` (one byte).
+    pub skc_state: u32,
+    /// `inet_timewait_sock.tw_tb`: NULL once the TIME_WAIT socket left its
+    /// bind bucket.
+    pub tw_tb: u32,
+    /// The syscall number in `struct pt_regs` (`orig_ax` on x86_64,
+    /// `syscallno` on arm64).
+    pub pt_regs_syscall: u32,
 }
 
 /// Read-only configuration the loader writes into the programs' `CONFIG`
@@ -149,10 +176,10 @@ pub const LOST_MAP: &str = "LOST";
 /// Name of the configuration global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
-const _: () = assert!(core::mem::size_of::<RawEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 112);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 72);
 
 #[cfg(feature = "user")]
 mod user {

@@ -57,6 +57,7 @@ pub fn start(kind: u16, process: bool) -> Option<Event> {
     // SAFETY: helper without preconditions.
     f.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
     f.pid_tgid = bpf_get_current_pid_tgid();
+    f.syscall_nr = -1;
     if process {
         f.flags |= flags::PROCESS_CONTEXT;
         // SAFETY: helper without preconditions.

@@ -8,6 +8,7 @@
 mod cgroup_sock;
 mod connect;
 mod emit;
+mod precise;
 mod probe;
 mod sk;
 mod tcp_state;

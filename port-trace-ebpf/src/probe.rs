@@ -1,17 +1,7 @@
-//! Empty programs that `port-trace doctor` loads to ask the kernel whether it
-//! allows fentry/fexit trampolines and kprobes at all. Never attached during
-//! a trace.
+//! An empty program that `port-trace doctor` loads to ask the kernel whether
+//! it allows kprobes at all. Never attached during a trace.
 
-use aya_ebpf::{
-    macros::{fentry, kprobe},
-    programs::{FEntryContext, ProbeContext},
-};
-
-/// Loads only where BTF trampolines are allowed.
-#[fentry(function = "inet_put_port")]
-pub fn probe_fentry(_ctx: FEntryContext) -> u32 {
-    0
-}
+use aya_ebpf::{macros::kprobe, programs::ProbeContext};
 
 /// Loads anywhere; attaching needs the kprobe PMU.
 #[kprobe]

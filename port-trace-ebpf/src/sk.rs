@@ -23,7 +23,9 @@ static CONFIG: KernelConfig = KernelConfig {
         inet_sport: 0,
         net_ns_inum: 0,
         skc_cookie: 0,
-        reserved: 0,
+        skc_state: 0,
+        tw_tb: 0,
+        pt_regs_syscall: 0,
     },
 };
 
@@ -50,7 +52,7 @@ pub fn addr_of<T>(ptr: *const T) -> u64 {
 }
 
 #[inline(always)]
-fn read<T: Default>(base: u64, offset: u32) -> T {
+pub fn read<T: Default>(base: u64, offset: u32) -> T {
     // SAFETY: bpf_probe_read_kernel tolerates any address.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.unwrap_or_default()
 }
@@ -116,4 +118,10 @@ pub fn protocol(cfg: &KernelConfig, sk: u64) -> u16 {
 #[inline(always)]
 pub fn stored_cookie(cfg: &KernelConfig, sk: u64) -> u64 {
     read(sk, cfg.offsets.skc_cookie)
+}
+
+/// `skc_state` of the socket.
+#[inline(always)]
+pub fn state(cfg: &KernelConfig, sk: u64) -> u8 {
+    read(sk, cfg.offsets.skc_state)
 }

@@ -85,8 +85,33 @@ pub enum Happening {
         /// The local port the socket had before the call (0: none).
         port_before: u16,
     },
-    /// A UDP socket was closed by its last owner; its port goes back.
+    /// A UDP socket gave its port back (close, or disconnect when the
+    /// event's syscall is `connect`).
     UdpRelease,
+    /// A `get_port` function ran (precise backend): `bind()`, `listen()` on an
+    /// unbound socket, UDP autobind.
+    GetPort {
+        /// The port asked for (0: any).
+        requested_port: u16,
+        /// 0, a negative errno, or 1 (kernels before 6.0) on failure.
+        ret: i32,
+        /// The socket's TCP state then (LISTEN for `listen()`).
+        state: Option<TcpState>,
+    },
+    /// `inet_put_port`: a TCP socket gives up its port (precise backend).
+    PutPort {
+        /// The socket's state then.
+        state: Option<TcpState>,
+        /// `sk_err`.
+        sk_err: i32,
+    },
+    /// A TIME_WAIT socket takes over the port (precise backend).
+    TimeWaitStart {
+        /// The full socket's state at the hand-off.
+        state: Option<TcpState>,
+    },
+    /// The TIME_WAIT socket frees the port (precise backend).
+    TimeWaitEnd,
 }
 
 /// One decoded event.
@@ -104,6 +129,8 @@ pub struct KernelEvent {
     pub task: Option<Task>,
     /// What happened.
     pub happening: Happening,
+    /// The syscall the task was in, when the hook knows it.
+    pub syscall: Option<i32>,
 }
 
 fn comm_of(raw: &[u8; COMM_LEN]) -> String {
@@ -144,6 +171,14 @@ impl TryFrom<&RawEvent> for KernelEvent {
             kind::BIND => Happening::Bind { requested_port: raw.req_port },
             kind::CONNECT => Happening::Connect { ret: raw.ret, port_before: raw.req_port },
             kind::UDP_RELEASE => Happening::UdpRelease,
+            kind::GET_PORT => Happening::GetPort {
+                requested_port: raw.req_port,
+                ret: raw.ret,
+                state: TcpState::from_kernel(raw.old_state),
+            },
+            kind::PUT_PORT => Happening::PutPort { state: TcpState::from_kernel(raw.old_state), sk_err: raw.ret },
+            kind::TIME_WAIT_START => Happening::TimeWaitStart { state: TcpState::from_kernel(raw.old_state) },
+            kind::TIME_WAIT_END => Happening::TimeWaitEnd,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         // Old → CLOSE transitions out of CLOSE run in the caller's context too.
@@ -169,6 +204,7 @@ impl TryFrom<&RawEvent> for KernelEvent {
             },
             task,
             happening,
+            syscall: (raw.syscall_nr >= 0).then_some(raw.syscall_nr),
         })
     }
 }

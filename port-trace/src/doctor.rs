@@ -18,25 +18,29 @@ struct Row<'a> {
 
 /// The backend `auto` picks, and why the better ones are out.
 fn choose(probes: &[Probe]) -> (String, Vec<String>) {
+    let of = |backend: &'static str| probes.iter().filter(move |p| p.backend == backend);
     // Complete when every hook has at least one mechanism the kernel accepts.
-    let complete = |backend: &str| {
-        probes
-            .iter()
-            .filter(|p| p.backend == backend)
-            .all(|p| probes.iter().any(|q| q.hook == p.hook && q.result.is_ok()))
+    let complete =
+        |backend: &'static str| of(backend).all(|p| of(backend).any(|q| q.hook == p.hook && q.result.is_ok()));
+    let precise_all = of("precise").all(|p| p.result.is_ok());
+    let precise_any = of("precise").any(|p| p.result.is_ok());
+    let chosen = match (precise_all, precise_any, complete("portable")) {
+        (true, _, _) => "precise",
+        (false, true, _) => "precise+portable (the refused precise hooks are replaced by portable ones)",
+        (false, false, true) => "portable",
+        (false, false, false) => "portable (partial: some hooks refused)",
     };
     let mut why_not = Vec::new();
-    for (backend, what) in [("precise", "fentry/fexit"), ("kprobe", "kprobes")] {
-        if let Some(Err(reason)) = probes.iter().find(|p| p.backend == backend).map(|p| &p.result) {
-            why_not.push(format!("{backend}: {reason}"));
-        } else {
-            why_not.push(format!(
-                "{backend}: the kernel allows {what}, but this version implements only the portable backend"
-            ));
+    if !precise_all {
+        if let Some(Err(reason)) = of("precise").find(|p| p.result.is_err()).map(|p| &p.result) {
+            why_not.push(format!("precise: {reason}"));
         }
     }
-    let portable = if complete("portable") { "portable" } else { "portable (partial: some hooks refused)" };
-    (portable.to_string(), why_not)
+    match of("kprobe").next().map(|p| &p.result) {
+        Some(Err(reason)) => why_not.push(format!("kprobe: {reason}")),
+        _ => why_not.push("kprobe: the kernel allows kprobes, but this version has no kprobe backend yet".into()),
+    }
+    (chosen.to_string(), why_not)
 }
 
 /// Runs `doctor`: probes every hook, prints a table (or JSON), exits 0.

@@ -8,7 +8,7 @@ use std::io;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{
-    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, KProbe, ProgramError, RawTracePoint,
+    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, ProgramError, RawTracePoint,
     TracePoint,
 };
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -33,6 +33,10 @@ enum Attach {
     CgroupSockAddr,
     /// A cgroup `sock` program on the cgroup v2 root.
     CgroupSock,
+    /// fentry on the first of these functions the kernel has.
+    FEntry(&'static [&'static str]),
+    /// fexit on the first of these functions the kernel has.
+    FExit(&'static [&'static str]),
 }
 
 impl Attach {
@@ -43,6 +47,8 @@ impl Attach {
             Attach::RawTracepoint(_) => "raw_tp",
             Attach::Tracepoint(..) => "tracepoint",
             Attach::CgroupSockAddr | Attach::CgroupSock => "cgroup",
+            Attach::FEntry(_) => "fentry",
+            Attach::FExit(_) => "fexit",
         }
     }
 }
@@ -56,6 +62,7 @@ struct Way {
 
 /// One hook of the portable backend, with its mechanisms in order of
 /// preference: the first that the kernel accepts is used.
+#[derive(Clone, Copy)]
 struct Hook {
     /// Name users see.
     name: &'static str,
@@ -68,6 +75,91 @@ struct Hook {
 const fn way(program: &'static str, attach: Attach) -> Way {
     Way { program, attach }
 }
+
+/// The precise backend: fentry/fexit on the functions that allocate and
+/// release ports (`kernel-hooks.md` §1–§2). Every one must attach for the
+/// backend to stand alone; otherwise the portable hooks join in, and the
+/// tracker takes each port's first report.
+const PRECISE_HOOKS: &[Hook] = &[
+    Hook {
+        name: "fexit/inet_csk_get_port",
+        ways: &[way("fexit_inet_csk_get_port", Attach::FExit(&["inet_csk_get_port"]))],
+        purpose: "TCP bind() and listen() allocations and failures",
+        essential: false,
+    },
+    Hook {
+        name: "fexit/udp_v4_get_port",
+        ways: &[way("fexit_udp_v4_get_port", Attach::FExit(&["udp_v4_get_port"]))],
+        purpose: "UDP bind() and autobind (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "fexit/udp_v6_get_port",
+        ways: &[way("fexit_udp_v6_get_port", Attach::FExit(&["udp_v6_get_port"]))],
+        purpose: "UDP bind() and autobind (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/inet_hash_connect",
+        ways: &[way("fentry_inet_hash_connect", Attach::FEntry(&["inet_hash_connect"]))],
+        purpose: "TCP connect(): was the socket bound",
+        essential: false,
+    },
+    Hook {
+        name: "fexit/inet_hash_connect",
+        ways: &[way("fexit_inet_hash_connect", Attach::FExit(&["inet_hash_connect"]))],
+        purpose: "TCP connect() ports and EADDRNOTAVAIL (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/inet6_hash_connect",
+        ways: &[way("fentry_inet6_hash_connect", Attach::FEntry(&["inet6_hash_connect"]))],
+        purpose: "TCP connect(): was the socket bound (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "fexit/inet6_hash_connect",
+        ways: &[way("fexit_inet6_hash_connect", Attach::FExit(&["inet6_hash_connect"]))],
+        purpose: "TCP connect() ports and EADDRNOTAVAIL (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/inet_put_port",
+        ways: &[way("fentry_inet_put_port", Attach::FEntry(&["inet_put_port"]))],
+        purpose: "TCP releases",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/udp_lib_unhash",
+        ways: &[way("fentry_udp_lib_unhash", Attach::FEntry(&["udp_lib_unhash"]))],
+        purpose: "UDP releases and disconnects",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/inet_twsk_hashdance_schedule",
+        ways: &[way(
+            "fentry_inet_twsk_hashdance",
+            Attach::FEntry(&["inet_twsk_hashdance_schedule", "inet_twsk_hashdance"]),
+        )],
+        purpose: "hand-off of a port to TIME_WAIT",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/inet_twsk_bind_unhash",
+        ways: &[way("fentry_inet_twsk_bind_unhash", Attach::FEntry(&["inet_twsk_bind_unhash"]))],
+        purpose: "end of TIME_WAIT: the port is free",
+        essential: false,
+    },
+    Hook {
+        name: "fentry/tcp_twsk_destructor",
+        ways: &[way("fentry_tcp_twsk_destructor", Attach::FEntry(&["tcp_twsk_destructor"]))],
+        purpose: "end of TIME_WAIT (backstop)",
+        essential: false,
+    },
+];
+
+/// The hook that reports TCP state changes, for every backend.
+const STATE_HOOK: &str = "sock:inet_sock_set_state";
 
 /// The portable backend: tracepoints and cgroup v2 hooks, no function tracing.
 const PORTABLE_HOOKS: &[Hook] = &[
@@ -178,6 +270,9 @@ pub struct Backend {
     pub ebpf: Ebpf,
     /// Per-hook outcome.
     pub hooks: Vec<HookReport>,
+    /// `precise`, `portable`, or `precise+portable` when some precise hooks
+    /// were refused and portable ones stand in.
+    pub name: &'static str,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it;
@@ -199,7 +294,24 @@ fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
         .context("loading the eBPF object (maps) failed")
 }
 
-fn attach_way(ebpf: &mut Ebpf, way: Way, btf: &Btf, cgroup: Option<&File>, verbose: bool) -> Result<(), String> {
+/// The first of `names` that the running kernel's BTF has as a function.
+fn resolve_function(names: &[&'static str], kernel_btf: Option<&crate::btf::Btf>) -> Result<&'static str, String> {
+    let Some(btf) = kernel_btf else { return Ok(names[0]) };
+    names
+        .iter()
+        .copied()
+        .find(|name| btf.has_function(name))
+        .ok_or_else(|| format!("{} not in this kernel", names.join(" / ")))
+}
+
+fn attach_way(
+    ebpf: &mut Ebpf,
+    way: Way,
+    btf: &Btf,
+    kernel_btf: Option<&crate::btf::Btf>,
+    cgroup: Option<&File>,
+    verbose: bool,
+) -> Result<(), String> {
     let program =
         ebpf.program_mut(way.program).ok_or_else(|| format!("program {} missing from the object", way.program))?;
     let err = |e: ProgramError| describe_error(&e, verbose);
@@ -221,6 +333,18 @@ fn attach_way(ebpf: &mut Ebpf, way: Way, btf: &Btf, cgroup: Option<&File>, verbo
             let p: &mut TracePoint = program.try_into().map_err(err)?;
             p.load().map_err(err)?;
             p.attach(category, name).map_err(err)?;
+        }
+        Attach::FEntry(names) => {
+            let function = resolve_function(names, kernel_btf)?;
+            let p: &mut FEntry = program.try_into().map_err(err)?;
+            p.load(function, btf).map_err(err)?;
+            p.attach().map_err(err)?;
+        }
+        Attach::FExit(names) => {
+            let function = resolve_function(names, kernel_btf)?;
+            let p: &mut FExit = program.try_into().map_err(err)?;
+            p.load(function, btf).map_err(err)?;
+            p.attach().map_err(err)?;
         }
         Attach::CgroupSockAddr | Attach::CgroupSock => {
             let Some(cgroup) = cgroup else {
@@ -246,6 +370,7 @@ fn attach_hook(
     ebpf: &mut Ebpf,
     hook: &Hook,
     btf: &Btf,
+    kernel_btf: Option<&crate::btf::Btf>,
     cgroup: Option<&File>,
     options: &LoadOptions,
 ) -> Result<String, String> {
@@ -255,7 +380,7 @@ fn attach_hook(
         let attempt = if options.skip_mechanisms.iter().any(|m| m == mechanism) {
             Err("skipped (--skip-mechanism)".to_string())
         } else {
-            attach_way(ebpf, *way, btf, cgroup, options.verbose)
+            attach_way(ebpf, *way, btf, kernel_btf, cgroup, options.verbose)
         };
         match attempt {
             Ok(()) if refused.is_empty() => return Ok(format!("attached ({})", way.attach.mechanism())),
@@ -277,31 +402,81 @@ pub struct LoadOptions {
     pub skip_mechanisms: Vec<String>,
 }
 
-/// Loads and attaches the portable backend. Fails only when nothing useful
-/// could be attached.
-pub fn load_portable(config: &KernelConfig, options: &LoadOptions) -> Result<Backend> {
-    let ring_bytes = options.ring_bytes;
+/// Which hooks to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Precise where the kernel allows it, portable for the rest.
+    Auto,
+    /// Precise only (plus the state tracepoint); fail if any is refused.
+    Precise,
+    /// Portable only.
+    Portable,
+}
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    hooks: &[Hook],
+    backend: &'static str,
+    btf: &Btf,
+    kernel_btf: Option<&crate::btf::Btf>,
+    cgroup: Option<&File>,
+    options: &LoadOptions,
+) -> Vec<(HookReport, bool)> {
+    hooks
+        .iter()
+        .map(|hook| {
+            let (status, ok) = match attach_hook(ebpf, hook, btf, kernel_btf, cgroup, options) {
+                Ok(status) => (status, true),
+                Err(reason) => (format!("not attached: {reason}"), false),
+            };
+            (HookReport { hook: hook.name.to_string(), backend, purpose: hook.purpose, status }, ok)
+        })
+        .collect()
+}
+
+/// Loads and attaches the chosen backend, hook by hook. Fails only when the
+/// forced backend cannot load, or nothing useful could be attached.
+pub fn load(config: &KernelConfig, options: &LoadOptions, choice: Choice) -> Result<Backend> {
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    let mut ebpf = load_object(config, ring_bytes)?;
+    let kernel_btf = crate::btf::Btf::from_sys_fs().ok();
+    let mut ebpf = load_object(config, options.ring_bytes)?;
     let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
-    let mut hooks = Vec::new();
-    let mut refused_essential = Vec::new();
-    for hook in PORTABLE_HOOKS {
-        let status = match attach_hook(&mut ebpf, hook, &btf, cgroup.as_ref(), options) {
-            Ok(status) => status,
-            Err(reason) => {
-                if hook.essential {
-                    refused_essential.push(format!("{}: {reason}", hook.name));
-                }
-                format!("not attached: {reason}")
-            }
-        };
-        hooks.push(HookReport { hook: hook.name.to_string(), purpose: hook.purpose, status });
+    let mut reports = Vec::new();
+
+    let mut all_precise = false;
+    if choice != Choice::Portable {
+        let precise =
+            attach_all(&mut ebpf, PRECISE_HOOKS, "precise", &btf, kernel_btf.as_ref(), cgroup.as_ref(), options);
+        all_precise = precise.iter().all(|(_, ok)| *ok);
+        if choice == Choice::Precise && !all_precise {
+            let refused: Vec<String> =
+                precise.iter().filter(|(_, ok)| !ok).map(|(r, _)| format!("{}: {}", r.hook, r.status)).collect();
+            anyhow::bail!("--backend precise: the kernel refused {}", refused.join("; "));
+        }
+        reports.extend(precise);
     }
-    if !refused_essential.is_empty() {
+    // With every precise hook in place, the portable backend only adds the
+    // TCP state changes; otherwise all of it joins in.
+    let portable: Vec<&Hook> = PORTABLE_HOOKS.iter().filter(|h| !all_precise || h.name == STATE_HOOK).collect();
+    let portable: Vec<Hook> = portable.into_iter().map(|h| Hook { ..*h }).collect();
+    reports.extend(attach_all(&mut ebpf, &portable, "portable", &btf, kernel_btf.as_ref(), cgroup.as_ref(), options));
+
+    let refused_essential: Vec<String> = portable
+        .iter()
+        .zip(reports.iter().rev().take(portable.len()).rev())
+        .filter(|(hook, (_, ok))| hook.essential && !ok && !(all_precise && hook.name != STATE_HOOK))
+        .map(|(hook, (report, _))| format!("{}: {}", hook.name, report.status))
+        .collect();
+    if !refused_essential.is_empty() && !all_precise {
         anyhow::bail!("the kernel refused hooks port-trace cannot work without: {}", refused_essential.join("; "));
     }
-    Ok(Backend { ebpf, hooks })
+    let name = match (choice, all_precise) {
+        (Choice::Portable, _) => "portable",
+        (_, true) => "precise",
+        (_, false) if reports.iter().any(|(r, ok)| *ok && r.backend == "precise") => "precise+portable",
+        (_, false) => "portable",
+    };
+    Ok(Backend { ebpf, hooks: reports.into_iter().map(|(r, _)| r).collect(), name })
 }
 
 impl Backend {
@@ -352,25 +527,19 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut probes = Vec::new();
 
-    // precise: can a BTF trampoline program load at all?
+    let kernel_btf = crate::btf::Btf::from_sys_fs().ok();
+    let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
+    for (backend, hooks) in [("precise", PRECISE_HOOKS), ("portable", PORTABLE_HOOKS)] {
+        for hook in hooks {
+            for way in hook.ways {
+                // A fresh object per mechanism, so each is tried on its own.
+                let mut ebpf = load_object(&config, 4096)?;
+                let result = attach_way(&mut ebpf, *way, &btf, kernel_btf.as_ref(), cgroup.as_ref(), verbose);
+                probes.push(Probe { hook: hook.name.to_string(), mechanism: way.attach.mechanism(), backend, result });
+            }
+        }
+    }
     let mut ebpf = load_object(&config, 4096)?;
-    let fentry = (|| -> std::result::Result<(), String> {
-        let p: &mut FEntry = ebpf
-            .program_mut("probe_fentry")
-            .ok_or("probe program missing")?
-            .try_into()
-            .map_err(|e: ProgramError| describe_error(&e, verbose))?;
-        p.load("inet_put_port", &btf).map_err(|e| describe_error(&e, verbose))?;
-        p.attach().map_err(|e| describe_error(&e, verbose))?;
-        Ok(())
-    })();
-    probes.push(Probe {
-        hook: "fentry/fexit (BTF trampolines)".into(),
-        mechanism: "fentry",
-        backend: "precise",
-        result: fentry,
-    });
-
     let kprobe = (|| -> std::result::Result<(), String> {
         if !system::kprobes_available() {
             return Err("kprobes are not available: /sys/bus/event_source/devices/kprobe is missing (kernel built without them)".into());
@@ -385,21 +554,5 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
         Ok(())
     })();
     probes.push(Probe { hook: "kprobe/kretprobe".into(), mechanism: "kprobe", backend: "kprobe", result: kprobe });
-    drop(ebpf);
-
-    for hook in PORTABLE_HOOKS {
-        for way in hook.ways {
-            // A fresh object per mechanism, so each is tried on its own.
-            let mut ebpf = load_object(&config, 4096)?;
-            let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
-            let result = attach_way(&mut ebpf, *way, &btf, cgroup.as_ref(), verbose);
-            probes.push(Probe {
-                hook: hook.name.to_string(),
-                mechanism: way.attach.mechanism(),
-                backend: "portable",
-                result,
-            });
-        }
-    }
     Ok(probes)
 }

@@ -16,6 +16,17 @@ fn field(btf: &Btf, path: &str, size: u32) -> Result<u32> {
     Ok(field.offset)
 }
 
+/// Where `struct pt_regs` keeps the syscall number on this architecture.
+fn syscall_nr_offset(btf: &Btf) -> Result<u32> {
+    if cfg!(target_arch = "x86_64") {
+        field(btf, "pt_regs.orig_ax", 8)
+    } else if cfg!(target_arch = "aarch64") {
+        field(btf, "pt_regs.syscallno", 4)
+    } else {
+        bail!("port-trace does not know this architecture's pt_regs")
+    }
+}
+
 /// Every offset in [`KernelOffsets`], checked for width.
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
     let get = || -> Result<KernelOffsets> {
@@ -33,7 +44,9 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
             inet_sport: field(btf, "inet_sock.inet_sport", 2)?,
             net_ns_inum: field(btf, "net.ns.inum", 4)?,
             skc_cookie: field(btf, "sock_common.skc_cookie", 8)?,
-            reserved: 0,
+            skc_state: field(btf, "sock_common.skc_state", 1)?,
+            tw_tb: field(btf, "inet_timewait_sock.tw_tb", 8)?,
+            pt_regs_syscall: syscall_nr_offset(btf)?,
         })
     };
     get().context("this kernel's socket structures are not what port-trace knows how to read")

@@ -25,8 +25,10 @@ pub enum Format {
 /// How one hook of the running backend fared, for the header and `doctor`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct HookReport {
-    /// The hook, e.g. `tp_btf/inet_sock_set_state`.
+    /// The hook, e.g. `sock:inet_sock_set_state`.
     pub hook: String,
+    /// The backend it belongs to (`precise`, `portable`).
+    pub backend: &'static str,
     /// What it is for.
     pub purpose: &'static str,
     /// `attached`, or why not.

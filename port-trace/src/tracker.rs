@@ -156,6 +156,124 @@ impl Tracker {
             Happening::Bind { requested_port } => self.on_bind(ev, *requested_port, out),
             Happening::Connect { ret, port_before } => self.on_connect(ev, *ret, *port_before, out),
             Happening::UdpRelease => self.on_udp_release(ev, out),
+            Happening::GetPort { requested_port, ret, state } => {
+                self.on_get_port(ev, *requested_port, *ret, *state, out)
+            }
+            Happening::PutPort { state, .. } => self.on_put_port(ev, *state, out),
+            Happening::TimeWaitStart { state } => self.on_time_wait_start(ev, *state, out),
+            Happening::TimeWaitEnd => self.on_time_wait_end(ev, out),
+        }
+    }
+
+    /// A `get_port` call (precise backend): a new allocation, or a failed one.
+    fn on_get_port(
+        &mut self,
+        ev: &KernelEvent,
+        requested_port: u16,
+        ret: i32,
+        state: Option<TcpState>,
+        out: &mut Vec<PortRecord>,
+    ) {
+        let proto = ev.endpoints.proto;
+        let origin = match proto {
+            Proto::Tcp if state == Some(TcpState::Listen) => Origin::Listen,
+            Proto::Tcp => Origin::Bind,
+            Proto::Udp => match ev.syscall.map(i64::from) {
+                Some(libc::SYS_bind) => Origin::Bind,
+                Some(libc::SYS_connect) => Origin::Connect,
+                _ => Origin::Autobind,
+            },
+        };
+        let owner = ev.task.clone().unwrap_or_else(unknown_owner);
+        if ret != 0 {
+            // What the caller sees: bind and listen fail with EADDRINUSE; a
+            // failed UDP autobind becomes EAGAIN (inet_autobind).
+            let errno = match origin {
+                Origin::Connect | Origin::Autobind => libc::EAGAIN,
+                _ if ret < 0 => -ret,
+                _ => libc::EADDRINUSE,
+            };
+            let mut port = Tracked {
+                phase: Phase::Held,
+                owner,
+                netns: ev.netns,
+                endpoints: ev.endpoints.clone(),
+                alloc_ts_ns: ev.ts_ns,
+                origin,
+                ephemeral: requested_port == 0,
+                deferred_state: None,
+            }
+            .port_ref(ev.cookie);
+            port.lport = requested_port;
+            out.push(PortRecord { ts_ns: ev.ts_ns, port, body: RecordBody::AllocFail { errno, origin } });
+            return;
+        }
+        match self.sockets.get(&ev.cookie).map(|t| t.phase) {
+            Some(Phase::Awaiting(_)) => {
+                if let Some(tracked) = self.sockets.get_mut(&ev.cookie) {
+                    tracked.origin = origin;
+                    tracked.ephemeral = requested_port == 0;
+                }
+                self.materialize(ev.cookie, &ev.endpoints, out);
+            }
+            // Seen already through another hook (a portable one alongside).
+            Some(_) if self.sockets.get(&ev.cookie).is_some_and(|t| t.endpoints.lport == ev.endpoints.lport) => {}
+            _ => {
+                let tracked = Tracked {
+                    phase: Phase::Held,
+                    owner,
+                    netns: ev.netns,
+                    endpoints: ev.endpoints.clone(),
+                    alloc_ts_ns: ev.ts_ns,
+                    origin,
+                    ephemeral: requested_port == 0,
+                    deferred_state: None,
+                };
+                self.alloc(ev, tracked, out);
+            }
+        }
+    }
+
+    /// `inet_put_port` (precise backend): the socket gives its port back,
+    /// unless a TIME_WAIT socket already took it over.
+    fn on_put_port(&mut self, ev: &KernelEvent, state: Option<TcpState>, out: &mut Vec<PortRecord>) {
+        match self.sockets.get(&ev.cookie).map(|t| t.phase) {
+            Some(Phase::Held) => {
+                let reason =
+                    if state == Some(TcpState::SynSent) { ReleaseReason::ConnectFailed } else { ReleaseReason::Close };
+                self.release(ev.cookie, ev.ts_ns, reason, out);
+            }
+            Some(Phase::Awaiting(_)) => {
+                self.sockets.remove(&ev.cookie);
+            }
+            Some(Phase::TimeWait) => {}
+            None => self.stats.unknown_socket_events += 1,
+        }
+    }
+
+    fn on_time_wait_start(&mut self, ev: &KernelEvent, state: Option<TcpState>, out: &mut Vec<PortRecord>) {
+        let Some(tracked) = self.sockets.get_mut(&ev.cookie) else {
+            self.stats.unknown_socket_events += 1;
+            return;
+        };
+        if tracked.phase != Phase::Held {
+            return;
+        }
+        tracked.phase = Phase::TimeWait;
+        let old = state.unwrap_or(TcpState::FinWait2);
+        out.push(PortRecord {
+            ts_ns: ev.ts_ns,
+            port: tracked.port_ref(ev.cookie),
+            body: RecordBody::State { old, new: TcpState::TimeWait },
+        });
+    }
+
+    fn on_time_wait_end(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        match self.sockets.get(&ev.cookie).map(|t| t.phase) {
+            Some(Phase::TimeWait) | Some(Phase::Held) => {
+                self.release(ev.cookie, ev.ts_ns, ReleaseReason::TimeWaitEnd, out)
+            }
+            _ => {}
         }
     }
 
@@ -296,6 +414,13 @@ impl Tracker {
     }
 
     fn on_bind(&mut self, ev: &KernelEvent, requested_port: u16, out: &mut Vec<PortRecord>) {
+        if self
+            .sockets
+            .get(&ev.cookie)
+            .is_some_and(|t| t.phase == Phase::Held && t.endpoints.lport == ev.endpoints.lport)
+        {
+            return; // reported by the precise get_port hook already
+        }
         let tracked = Tracked {
             phase: Phase::Held,
             owner: ev.task.clone().unwrap_or_else(unknown_owner),
@@ -330,20 +455,20 @@ impl Tracker {
             return; // the socket had its port already (bound before we started)
         }
         if ev.endpoints.lport != 0 {
-            if proto == Proto::Udp {
-                // inet_dgram_connect → inet_autobind chose the port.
-                let tracked = Tracked {
-                    phase: Phase::Held,
-                    owner: ev.task.clone().unwrap_or_else(unknown_owner),
-                    netns: ev.netns,
-                    endpoints: ev.endpoints.clone(),
-                    alloc_ts_ns: ev.ts_ns,
-                    origin: Origin::Connect,
-                    ephemeral: true,
-                    deferred_state: None,
-                };
-                self.alloc(ev, tracked, out);
-            }
+            // TCP: inet_hash_connect chose the port (precise backend, or a
+            // portable run that missed the SYN_SENT state change); UDP:
+            // inet_dgram_connect → inet_autobind did.
+            let tracked = Tracked {
+                phase: Phase::Held,
+                owner: ev.task.clone().unwrap_or_else(unknown_owner),
+                netns: ev.netns,
+                endpoints: ev.endpoints.clone(),
+                alloc_ts_ns: ev.ts_ns,
+                origin: Origin::Connect,
+                ephemeral: true,
+                deferred_state: None,
+            };
+            self.alloc(ev, tracked, out);
             return;
         }
         if ret < 0 && is_port_shortage(proto, -ret) {
@@ -370,8 +495,14 @@ impl Tracker {
     }
 
     fn on_udp_release(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        // udp_lib_unhash runs for close and for connect(AF_UNSPEC).
+        let reason = if ev.syscall.map(i64::from) == Some(libc::SYS_connect) {
+            ReleaseReason::Disconnect
+        } else {
+            ReleaseReason::Close
+        };
         if self.sockets.contains_key(&ev.cookie) {
-            self.release(ev.cookie, ev.ts_ns, ReleaseReason::Close, out);
+            self.release(ev.cookie, ev.ts_ns, reason, out);
             return;
         }
         // UDP has no children: a release of an unknown socket is a port
@@ -394,7 +525,7 @@ impl Tracker {
                 cgroup: owner.cgroup,
                 ephemeral: None,
             },
-            body: RecordBody::Release { reason: ReleaseReason::Close, held_ns: None, origin: None, alloc_ts_ns: None },
+            body: RecordBody::Release { reason, held_ns: None, origin: None, alloc_ts_ns: None },
         });
     }
 }
@@ -435,6 +566,7 @@ mod tests {
             },
             task,
             happening,
+            syscall: None,
         }
     }
 
@@ -669,5 +801,129 @@ mod tests {
         t.on_event(&ev(9, 11, Proto::Tcp, 45000, None, task(), state(Listen, Close, 0, 0)), &mut out);
         assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN", "state LISTEN>CLOSE", "release close"]);
         assert_eq!(out[0].ts_ns, 1);
+    }
+
+    fn with_syscall(mut e: KernelEvent, nr: i64) -> KernelEvent {
+        e.syscall = Some(nr as i32);
+        e
+    }
+
+    /// Precise backend: connect, TIME_WAIT hand-off, TIME_WAIT end.
+    #[test]
+    fn precise_client_through_time_wait_end() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 5, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(
+            &ev(2, 5, Proto::Tcp, 40000, Some(80), task(), Happening::Connect { ret: 0, port_before: 0 }),
+            &mut out,
+        );
+        t.on_event(&ev(3, 5, Proto::Tcp, 40000, Some(80), None, state(SynSent, Established, 40000, 0)), &mut out);
+        t.on_event(&ev(4, 5, Proto::Tcp, 40000, Some(80), None, state(Established, FinWait1, 40000, 0)), &mut out);
+        t.on_event(&ev(5, 5, Proto::Tcp, 40000, Some(80), None, state(FinWait1, FinWait2, 40000, 0)), &mut out);
+        t.on_event(
+            &ev(6, 5, Proto::Tcp, 40000, Some(80), None, Happening::TimeWaitStart { state: Some(FinWait2) }),
+            &mut out,
+        );
+        t.on_event(
+            &ev(7, 5, Proto::Tcp, 40000, Some(80), None, Happening::PutPort { state: Some(FinWait2), sk_err: 0 }),
+            &mut out,
+        );
+        t.on_event(&ev(7, 5, Proto::Tcp, 40000, Some(80), None, state(FinWait2, Close, 0, 0)), &mut out);
+        assert_eq!(t.time_wait_ports(), 1);
+        t.on_event(&ev(60_000_000_007, 5, Proto::Tcp, 40000, None, None, Happening::TimeWaitEnd), &mut out);
+        assert_eq!(
+            kinds(&out),
+            [
+                "alloc connect true",
+                "state CLOSE>SYN_SENT",
+                "state SYN_SENT>ESTABLISHED",
+                "state ESTABLISHED>FIN_WAIT1",
+                "state FIN_WAIT1>FIN_WAIT2",
+                "state FIN_WAIT2>TIME_WAIT",
+                "release time_wait_end"
+            ]
+        );
+        let last = out.last().unwrap();
+        assert_eq!((last.port.pid, last.port.rport), (42, Some(80)), "owner and destination kept");
+        assert!(matches!(last.body, RecordBody::Release { held_ns: Some(60_000_000_006), .. }));
+        assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// Precise backend: bind(0) + listen, with the portable post_bind
+    /// report of the same bind alongside (deduplicated), then close.
+    #[test]
+    fn precise_bind_listen_close_dedupes_portable() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        let get_port = Happening::GetPort { requested_port: 0, ret: 0, state: Some(Close) };
+        t.on_event(&with_syscall(ev(1, 3, Proto::Tcp, 43000, None, task(), get_port), libc::SYS_bind), &mut out);
+        t.on_event(&ev(2, 3, Proto::Tcp, 43000, None, task(), Happening::Bind { requested_port: 0 }), &mut out);
+        t.on_event(&ev(3, 3, Proto::Tcp, 43000, None, task(), state(Close, Listen, 43000, 0)), &mut out);
+        t.on_event(
+            &ev(4, 3, Proto::Tcp, 43000, None, None, Happening::PutPort { state: Some(Listen), sk_err: 0 }),
+            &mut out,
+        );
+        t.on_event(&ev(4, 3, Proto::Tcp, 43000, None, None, state(Listen, Close, 0, 0)), &mut out);
+        assert_eq!(kinds(&out), ["alloc bind true", "state CLOSE>LISTEN", "release close"]);
+        assert_eq!(t.stats().duplicate_allocs, 0);
+    }
+
+    /// Precise backend: listen() on an unbound socket is an allocation at
+    /// get_port time, and a re-validating get_port is never reported.
+    #[test]
+    fn precise_listen_autobind() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 4, Proto::Tcp, 0, None, task(), state(Close, Listen, 0, 0)), &mut out);
+        let get_port = Happening::GetPort { requested_port: 0, ret: 0, state: Some(Listen) };
+        t.on_event(&with_syscall(ev(2, 4, Proto::Tcp, 44000, None, task(), get_port), libc::SYS_listen), &mut out);
+        assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN"]);
+    }
+
+    /// Precise backend: UDP origins from the syscall, disconnect, failures.
+    #[test]
+    fn precise_udp_origins_and_failures() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        let ok = Happening::GetPort { requested_port: 0, ret: 0, state: None };
+        t.on_event(&with_syscall(ev(1, 1, Proto::Udp, 50000, None, task(), ok.clone()), libc::SYS_connect), &mut out);
+        t.on_event(&with_syscall(ev(2, 2, Proto::Udp, 50001, None, task(), ok.clone()), libc::SYS_sendto), &mut out);
+        t.on_event(
+            &with_syscall(
+                ev(3, 3, Proto::Udp, 53, None, task(), Happening::GetPort { requested_port: 53, ret: 0, state: None }),
+                libc::SYS_bind,
+            ),
+            &mut out,
+        );
+        t.on_event(
+            &with_syscall(ev(4, 1, Proto::Udp, 50000, None, task(), Happening::UdpRelease), libc::SYS_connect),
+            &mut out,
+        );
+        t.on_event(
+            &with_syscall(ev(5, 2, Proto::Udp, 50001, None, task(), Happening::UdpRelease), libc::SYS_close),
+            &mut out,
+        );
+        let in_use = Happening::GetPort { requested_port: 53, ret: -libc::EADDRINUSE, state: None };
+        t.on_event(&with_syscall(ev(6, 9, Proto::Udp, 0, None, task(), in_use), libc::SYS_bind), &mut out);
+        let exhausted = Happening::GetPort { requested_port: 0, ret: -libc::EADDRINUSE, state: None };
+        t.on_event(&with_syscall(ev(7, 10, Proto::Udp, 0, None, task(), exhausted), libc::SYS_sendto), &mut out);
+        let tcp_in_use = Happening::GetPort { requested_port: 80, ret: 1, state: Some(Close) };
+        t.on_event(&with_syscall(ev(8, 11, Proto::Tcp, 0, None, task(), tcp_in_use), libc::SYS_bind), &mut out);
+        assert_eq!(
+            kinds(&out),
+            [
+                "alloc connect true",
+                "alloc autobind true",
+                "alloc bind false",
+                "release disconnect",
+                "release close",
+                "alloc_fail 98",
+                "alloc_fail 11",
+                "alloc_fail 98"
+            ]
+        );
+        assert_eq!(out[5].port.lport, 53, "a failed bind names the port asked for");
+        assert_eq!(t.ports_in_use(), 1);
     }
 }

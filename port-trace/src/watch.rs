@@ -77,14 +77,12 @@ fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
     }
 }
 
-/// Checks the backend choice against what this build and kernel offer.
-fn check_backend(choice: BackendArg) -> Result<&'static str> {
+/// Maps the backend choice to what this build offers.
+fn check_backend(choice: BackendArg) -> Result<kernel::Choice> {
     match choice {
-        BackendArg::Auto | BackendArg::Portable => Ok("portable"),
-        BackendArg::Precise => bail!(
-            "the precise backend (fentry/fexit) is not available in this version of port-trace; \
-             use --backend portable or auto (see `port-trace doctor`)"
-        ),
+        BackendArg::Auto => Ok(kernel::Choice::Auto),
+        BackendArg::Portable => Ok(kernel::Choice::Portable),
+        BackendArg::Precise => Ok(kernel::Choice::Precise),
         BackendArg::Kprobe => bail!(
             "the kprobe backend is not available in this version of port-trace; \
              use --backend portable or auto (see `port-trace doctor`)"
@@ -103,7 +101,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         Some(arg) => Some(system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
         None => None,
     };
-    let backend_name = check_backend(args.trace.backend)?;
+    let choice = check_backend(args.trace.backend)?;
     let missing = privileges::missing_capabilities();
     if !missing.is_empty() {
         bail!(privileges::missing_message(&missing));
@@ -112,13 +110,14 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let format = args.format.unwrap_or(if terminal { Format::Text } else { Format::Json });
 
     let config = kernel::kernel_config(netns)?;
-    let mut backend = kernel::load_portable(
+    let mut backend = kernel::load(
         &config,
         &kernel::LoadOptions {
             ring_bytes: args.trace.ring_buffer_kib * 1024,
             verbose: args.trace.verbose,
             skip_mechanisms: args.trace.skip_mechanism.clone(),
         },
+        choice,
     )?;
     let events = backend.take_events()?;
     let lost_map = backend.take_lost()?;
@@ -129,14 +128,18 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let ephemeral_range = system::ephemeral_range(range_ns).unwrap_or([0, 0]);
     let header = Header {
         kernel: system::kernel_release(),
-        backend: backend_name.to_string(),
+        backend: backend.name.to_string(),
         hooks: backend.hooks.clone(),
         ephemeral_range,
         netns,
         started_boot_ns: started,
     };
+    // In auto mode, refused precise hooks are expected on many kernels:
+    // the portable ones stand in, and the header lists them all.
     for hook in backend.hooks.iter().filter(|h| !h.status.starts_with("attached")) {
-        eprintln!("port-trace: warning: {} ({}): {}", hook.hook, hook.purpose, hook.status);
+        if hook.backend == "portable" || backend.name == "precise+portable" {
+            eprintln!("port-trace: warning: {} ({}): {}", hook.hook, hook.purpose, hook.status);
+        }
     }
 
     let mut output = Output::new(writer, format, args.lifecycles, clock);
