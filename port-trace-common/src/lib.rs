@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
@@ -50,6 +50,9 @@ pub mod flags {
     /// `pid_tgid`, `comm` and `cgroup_id` describe the task that caused the
     /// event (the hook runs in that task's context).
     pub const PROCESS_CONTEXT: u16 = 1 << 0;
+    /// `cookie` is the socket's stored cookie, which may be 0: the program
+    /// could not ask the kernel to assign one (kprobes, raw tracepoints).
+    pub const STORED_COOKIE: u16 = 1 << 1;
 }
 
 /// Maximum length of a task command name, including the NUL.
@@ -110,6 +113,13 @@ pub struct RawEvent {
     pub syscall_nr: i32,
     /// Unused; keeps the struct free of padding.
     pub reserved: u32,
+    /// Kernel address of the socket (`struct sock` or, for
+    /// [`kind::TIME_WAIT_END`], the TIME_WAIT socket). The kprobe backend,
+    /// which cannot ask for cookies, joins events by it.
+    pub sk_addr: u64,
+    /// [`kind::TIME_WAIT_START`]: the address of the TIME_WAIT socket taking
+    /// over; 0 otherwise.
+    pub tw_addr: u64,
 }
 
 /// Offsets, in bytes, of the kernel struct fields the programs read. They are
@@ -176,7 +186,7 @@ pub const LOST_MAP: &str = "LOST";
 /// Name of the configuration global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
-const _: () = assert!(core::mem::size_of::<RawEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 128);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 72);

@@ -1,4 +1,5 @@
-//! The port-trace eBPF programs (portable backend).
+//! The port-trace eBPF programs: the precise (fentry/fexit), kprobe and
+//! portable (tracepoints, cgroup hooks) backends.
 //!
 //! One module per hook family; every program is small, never logs, and
 //! always lets the traced operation proceed (cgroup hooks return 1).
@@ -8,8 +9,9 @@
 mod cgroup_sock;
 mod connect;
 mod emit;
+mod kprobes;
+mod port_fns;
 mod precise;
-mod probe;
 mod sk;
 mod tcp_state;
 

@@ -1,7 +1,7 @@
 //! Reading `struct sock` fields with offsets taken from the running kernel's
 //! BTF (see `port_trace::btf`): Rust eBPF has no CO-RE relocations.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie};
 use port_trace_common::{KernelConfig, RawEvent};
 
 /// Written by the loader (`EbpfLoader::override_global`) before load.
@@ -79,6 +79,7 @@ pub fn filtered_out(cfg: &KernelConfig, netns: u32) -> bool {
 #[inline(always)]
 pub fn fill_tuple(cfg: &KernelConfig, sk: u64, ev: &mut RawEvent) {
     let o = &cfg.offsets;
+    ev.sk_addr = sk;
     ev.family = read(sk, o.skc_family);
     ev.protocol = read(sk, o.sk_protocol);
     let num: u16 = read(sk, o.skc_num);
@@ -124,4 +125,34 @@ pub fn stored_cookie(cfg: &KernelConfig, sk: u64) -> u64 {
 #[inline(always)]
 pub fn state(cfg: &KernelConfig, sk: u64) -> u8 {
     read(sk, cfg.offsets.skc_state)
+}
+
+/// How a program learns the socket cookie.
+#[derive(Clone, Copy)]
+pub enum Cookie {
+    /// `bpf_get_socket_cookie` on the typed pointer (tp_btf, fentry/fexit):
+    /// assigns one if the socket has none yet.
+    Helper,
+    /// Read `sk_cookie` (raw_tp, kprobes, where the helper is not offered):
+    /// 0 while nothing asked for one.
+    Stored,
+}
+
+/// The socket's cookie, the way `how` allows.
+#[inline(always)]
+pub fn cookie_of(how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &KernelConfig, sk: u64) -> u64 {
+    match how {
+        // SAFETY: sk_ptr is a typed socket argument of a tracing program.
+        Cookie::Helper => unsafe { bpf_get_socket_cookie(sk_ptr) },
+        Cookie::Stored => stored_cookie(cfg, sk),
+    }
+}
+
+/// Sets `ev.cookie` the way `how` allows, flagging stored cookies.
+#[inline(always)]
+pub fn set_cookie(ev: &mut RawEvent, how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &KernelConfig, sk: u64) {
+    ev.cookie = cookie_of(how, sk_ptr, cfg, sk);
+    if let Cookie::Stored = how {
+        ev.flags |= port_trace_common::flags::STORED_COOKIE;
+    }
 }

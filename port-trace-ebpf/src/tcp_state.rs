@@ -3,7 +3,6 @@
 //! preferred) and as a raw tracepoint (the fallback).
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie,
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
@@ -14,30 +13,12 @@ use crate::{emit, sk};
 const IPPROTO_TCP: u16 = 6;
 const TCP_CLOSE: u8 = 7;
 
-/// How a program learns the socket cookie.
-#[derive(Clone, Copy)]
-enum Cookie {
-    /// `bpf_get_socket_cookie` on the typed pointer (tp_btf).
-    Helper,
-    /// Read `sk_cookie` (raw_tp, where the helper is not offered).
-    Stored,
-}
-
-#[inline(always)]
-fn cookie_of(how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &port_trace_common::KernelConfig, sk: u64) -> u64 {
-    match how {
-        // SAFETY: sk_ptr is the tracepoint's typed socket argument.
-        Cookie::Helper => unsafe { bpf_get_socket_cookie(sk_ptr) },
-        Cookie::Stored => sk::stored_cookie(cfg, sk),
-    }
-}
-
 /// `inet_sk_state_store()` / `inet_sk_set_state()` fire this *after*
 /// `tcp_set_state()` ran `inet_put_port()` for a move to CLOSE, so `skc_num`
 /// tells whether this socket still holds its port (an explicit `bind(port)`,
 /// `SOCK_BINDPORT_LOCK`, keeps it until `tcp_v4_destroy_sock`).
 #[inline(always)]
-fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: Cookie) -> i32 {
+fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: sk::Cookie) -> i32 {
     let cfg = sk::config();
     if cfg.abi_version == 0 {
         return 0;
@@ -57,7 +38,7 @@ fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: Cook
         return 0;
     };
     let ev = event.fields();
-    ev.cookie = cookie_of(how, sk_ptr, &cfg, sk);
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
     ev.netns = netns;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
@@ -71,19 +52,19 @@ fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: Cook
 /// `sock:inet_sock_set_state` as a BTF tracepoint (preferred).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), Cookie::Helper)
+    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), sk::Cookie::Helper)
 }
 
 /// The same as a raw tracepoint, for kernels that refuse BTF tracing programs.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), Cookie::Stored)
+    on_state_change(ctx.arg(0), ctx.arg(1), ctx.arg(2), sk::Cookie::Stored)
 }
 
 /// `tcp_v4_destroy_sock()` (IPv6 too) fires this before its own
 /// `inet_put_port()`: a socket that still holds a port here gives it back now.
 #[inline(always)]
-fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: Cookie) -> i32 {
+fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: sk::Cookie) -> i32 {
     let cfg = sk::config();
     if cfg.abi_version == 0 {
         return 0;
@@ -101,7 +82,7 @@ fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: Cookie) -> i32 {
         return 0;
     };
     let ev = event.fields();
-    ev.cookie = cookie_of(how, sk_ptr, &cfg, sk);
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
     ev.netns = netns;
     sk::fill_tuple(&cfg, sk, ev);
     ev.req_port = held;
@@ -112,11 +93,11 @@ fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: Cookie) -> i32 {
 /// `tcp:tcp_destroy_sock` as a BTF tracepoint (preferred).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    on_destroy(ctx.arg(0), Cookie::Helper)
+    on_destroy(ctx.arg(0), sk::Cookie::Helper)
 }
 
 /// The same as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_raw(ctx: RawTracePointContext) -> i32 {
-    on_destroy(ctx.arg(0), Cookie::Stored)
+    on_destroy(ctx.arg(0), sk::Cookie::Stored)
 }

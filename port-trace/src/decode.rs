@@ -131,6 +131,11 @@ pub struct KernelEvent {
     pub happening: Happening,
     /// The syscall the task was in, when the hook knows it.
     pub syscall: Option<i32>,
+    /// Kernel address of the socket (the TIME_WAIT socket for
+    /// [`Happening::TimeWaitEnd`]).
+    pub sk_addr: u64,
+    /// For [`Happening::TimeWaitStart`], the TIME_WAIT socket's address.
+    pub tw_addr: u64,
 }
 
 fn comm_of(raw: &[u8; COMM_LEN]) -> String {
@@ -205,6 +210,8 @@ impl TryFrom<&RawEvent> for KernelEvent {
             task,
             happening,
             syscall: (raw.syscall_nr >= 0).then_some(raw.syscall_nr),
+            sk_addr: raw.sk_addr,
+            tw_addr: raw.tw_addr,
         })
     }
 }

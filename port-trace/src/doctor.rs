@@ -22,23 +22,27 @@ fn choose(probes: &[Probe]) -> (String, Vec<String>) {
     // Complete when every hook has at least one mechanism the kernel accepts.
     let complete =
         |backend: &'static str| of(backend).all(|p| of(backend).any(|q| q.hook == p.hook && q.result.is_ok()));
-    let precise_all = of("precise").all(|p| p.result.is_ok());
+    let first_refusal = |backend: &'static str| {
+        of(backend).find_map(|p| p.result.as_ref().err().map(|reason| format!("{backend}: {}: {reason}", p.hook)))
+    };
     let precise_any = of("precise").any(|p| p.result.is_ok());
-    let chosen = match (precise_all, precise_any, complete("portable")) {
-        (true, _, _) => "precise",
-        (false, true, _) => "precise+portable (the refused precise hooks are replaced by portable ones)",
-        (false, false, true) => "portable",
-        (false, false, false) => "portable (partial: some hooks refused)",
+    let chosen = if complete("precise") {
+        "precise"
+    } else if precise_any {
+        "precise+portable (portable hooks stand in for the refused precise ones)"
+    } else if complete("kprobe") {
+        "kprobe"
+    } else if complete("portable") {
+        "portable"
+    } else {
+        "portable (partial: some hooks refused)"
     };
     let mut why_not = Vec::new();
-    if !precise_all {
-        if let Some(Err(reason)) = of("precise").find(|p| p.result.is_err()).map(|p| &p.result) {
-            why_not.push(format!("precise: {reason}"));
+    if chosen != "precise" {
+        why_not.extend(first_refusal("precise"));
+        if !chosen.starts_with("precise") && chosen != "kprobe" {
+            why_not.extend(first_refusal("kprobe"));
         }
-    }
-    match of("kprobe").next().map(|p| &p.result) {
-        Some(Err(reason)) => why_not.push(format!("kprobe: {reason}")),
-        _ => why_not.push("kprobe: the kernel allows kprobes, but this version has no kprobe backend yet".into()),
     }
     (chosen.to_string(), why_not)
 }

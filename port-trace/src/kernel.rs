@@ -37,6 +37,10 @@ enum Attach {
     FEntry(&'static [&'static str]),
     /// fexit on the first of these functions the kernel has.
     FExit(&'static [&'static str]),
+    /// kprobe on the first of these functions the kernel has.
+    KProbe(&'static [&'static str]),
+    /// kretprobe on the first of these functions the kernel has.
+    KRetProbe(&'static [&'static str]),
 }
 
 impl Attach {
@@ -49,6 +53,8 @@ impl Attach {
             Attach::CgroupSockAddr | Attach::CgroupSock => "cgroup",
             Attach::FEntry(_) => "fentry",
             Attach::FExit(_) => "fexit",
+            Attach::KProbe(_) => "kprobe",
+            Attach::KRetProbe(_) => "kretprobe",
         }
     }
 }
@@ -153,6 +159,104 @@ const PRECISE_HOOKS: &[Hook] = &[
     Hook {
         name: "fentry/tcp_twsk_destructor",
         ways: &[way("fentry_tcp_twsk_destructor", Attach::FEntry(&["tcp_twsk_destructor"]))],
+        purpose: "end of TIME_WAIT (backstop)",
+        essential: false,
+    },
+];
+
+/// The kprobe backend: the precise backend's functions through
+/// kprobe/kretprobe.
+const KPROBE_HOOKS: &[Hook] = &[
+    Hook {
+        name: "kprobe/inet_csk_get_port",
+        ways: &[way("kprobe_inet_csk_get_port", Attach::KProbe(&["inet_csk_get_port"]))],
+        purpose: "TCP bind()/listen(): arguments",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/inet_csk_get_port",
+        ways: &[way("kretprobe_inet_csk_get_port", Attach::KRetProbe(&["inet_csk_get_port"]))],
+        purpose: "TCP bind() and listen() allocations and failures",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/udp_v4_get_port",
+        ways: &[way("kprobe_udp_v4_get_port", Attach::KProbe(&["udp_v4_get_port"]))],
+        purpose: "UDP bind()/autobind: arguments (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/udp_v4_get_port",
+        ways: &[way("kretprobe_udp_v4_get_port", Attach::KRetProbe(&["udp_v4_get_port"]))],
+        purpose: "UDP bind() and autobind (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/udp_v6_get_port",
+        ways: &[way("kprobe_udp_v6_get_port", Attach::KProbe(&["udp_v6_get_port"]))],
+        purpose: "UDP bind()/autobind: arguments (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/udp_v6_get_port",
+        ways: &[way("kretprobe_udp_v6_get_port", Attach::KRetProbe(&["udp_v6_get_port"]))],
+        purpose: "UDP bind() and autobind (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/inet_hash_connect",
+        ways: &[way("kprobe_inet_hash_connect", Attach::KProbe(&["inet_hash_connect"]))],
+        purpose: "TCP connect(): was the socket bound",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/inet_hash_connect",
+        ways: &[way("kretprobe_inet_hash_connect", Attach::KRetProbe(&["inet_hash_connect"]))],
+        purpose: "TCP connect() ports and EADDRNOTAVAIL (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/inet6_hash_connect",
+        ways: &[way("kprobe_inet6_hash_connect", Attach::KProbe(&["inet6_hash_connect"]))],
+        purpose: "TCP connect(): was the socket bound (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/inet6_hash_connect",
+        ways: &[way("kretprobe_inet6_hash_connect", Attach::KRetProbe(&["inet6_hash_connect"]))],
+        purpose: "TCP connect() ports and EADDRNOTAVAIL (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/inet_put_port",
+        ways: &[way("kprobe_inet_put_port", Attach::KProbe(&["inet_put_port"]))],
+        purpose: "TCP releases",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/udp_lib_unhash",
+        ways: &[way("kprobe_udp_lib_unhash", Attach::KProbe(&["udp_lib_unhash"]))],
+        purpose: "UDP releases and disconnects",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/inet_twsk_hashdance_schedule",
+        ways: &[way(
+            "kprobe_inet_twsk_hashdance",
+            Attach::KProbe(&["inet_twsk_hashdance_schedule", "inet_twsk_hashdance"]),
+        )],
+        purpose: "hand-off of a port to TIME_WAIT",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/inet_twsk_bind_unhash",
+        ways: &[way("kprobe_inet_twsk_bind_unhash", Attach::KProbe(&["inet_twsk_bind_unhash"]))],
+        purpose: "end of TIME_WAIT: the port is free",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/tcp_twsk_destructor",
+        ways: &[way("kprobe_tcp_twsk_destructor", Attach::KProbe(&["tcp_twsk_destructor"]))],
         purpose: "end of TIME_WAIT (backstop)",
         essential: false,
     },
@@ -270,9 +374,11 @@ pub struct Backend {
     pub ebpf: Ebpf,
     /// Per-hook outcome.
     pub hooks: Vec<HookReport>,
-    /// `precise`, `portable`, or `precise+portable` when some precise hooks
-    /// were refused and portable ones stand in.
+    /// `precise`, `kprobe`, `portable`, or `precise+portable` when some
+    /// precise hooks were refused and portable ones stand in.
     pub name: &'static str,
+    /// Events join by socket address (kprobe backend), not by cookie.
+    pub keying_by_address: bool,
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it;
@@ -346,6 +452,15 @@ fn attach_way(
             p.load(function, btf).map_err(err)?;
             p.attach().map_err(err)?;
         }
+        Attach::KProbe(names) | Attach::KRetProbe(names) => {
+            let function = resolve_function(names, kernel_btf)?;
+            let p: &mut KProbe = program.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            if !system::kprobes_available() {
+                return Err("kprobes are not available: /sys/bus/event_source/devices/kprobe is missing (kernel built without them)".into());
+            }
+            p.attach(function, 0).map_err(err)?;
+        }
         Attach::CgroupSockAddr | Attach::CgroupSock => {
             let Some(cgroup) = cgroup else {
                 return Err("no cgroup v2 hierarchy is mounted".into());
@@ -405,10 +520,13 @@ pub struct LoadOptions {
 /// Which hooks to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
-    /// Precise where the kernel allows it, portable for the rest.
+    /// The best the kernel allows: precise (with portable hooks standing in
+    /// for refused ones), else kprobe, else portable.
     Auto,
     /// Precise only (plus the state tracepoint); fail if any is refused.
     Precise,
+    /// kprobe only (plus the state tracepoint); fail if any is refused.
+    Kprobe,
     /// Portable only.
     Portable,
 }
@@ -434,49 +552,104 @@ fn attach_all(
         .collect()
 }
 
-/// Loads and attaches the chosen backend, hook by hook. Fails only when the
+/// The refused hooks of a backend in one line, grouped by reason.
+fn refusals(reports: &[(HookReport, bool)]) -> String {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for (report, _) in reports.iter().filter(|(_, ok)| !ok) {
+        // "not attached: fexit refused by ..." → "refused by ..."
+        let reason = report.status.trim_start_matches("not attached: ");
+        let reason = reason.split_once(' ').map_or(reason, |(mechanism, rest)| {
+            if ["fentry", "fexit", "kprobe", "kretprobe"].contains(&mechanism) {
+                rest
+            } else {
+                reason
+            }
+        });
+        match groups.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, hooks)) => hooks.push(&report.hook),
+            None => groups.push((reason.to_string(), vec![&report.hook])),
+        }
+    }
+    let total = reports.len();
+    groups
+        .into_iter()
+        .map(|(reason, hooks)| {
+            if hooks.len() == total {
+                format!("{reason} (all {total} hooks)")
+            } else {
+                format!("{reason} ({})", hooks.join(", "))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Loads and attaches the chosen backend, hook by hook. Fails only when a
 /// forced backend cannot load, or nothing useful could be attached.
 pub fn load(config: &KernelConfig, options: &LoadOptions, choice: Choice) -> Result<Backend> {
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let kernel_btf = crate::btf::Btf::from_sys_fs().ok();
-    let mut ebpf = load_object(config, options.ring_bytes)?;
     let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
+    let attach = |ebpf: &mut Ebpf, hooks: &[Hook], backend: &'static str| {
+        attach_all(ebpf, hooks, backend, &btf, kernel_btf.as_ref(), cgroup.as_ref(), options)
+    };
+    let mut ebpf = load_object(config, options.ring_bytes)?;
     let mut reports = Vec::new();
 
-    let mut all_precise = false;
-    if choice != Choice::Portable {
-        let precise =
-            attach_all(&mut ebpf, PRECISE_HOOKS, "precise", &btf, kernel_btf.as_ref(), cgroup.as_ref(), options);
-        all_precise = precise.iter().all(|(_, ok)| *ok);
-        if choice == Choice::Precise && !all_precise {
-            let refused: Vec<String> =
-                precise.iter().filter(|(_, ok)| !ok).map(|(r, _)| format!("{}: {}", r.hook, r.status)).collect();
-            anyhow::bail!("--backend precise: the kernel refused {}", refused.join("; "));
+    // Function hooks first: precise, then kprobe. A backend whose every
+    // hook attached stands alone with the state tracepoint; a partial
+    // precise backend is completed by the portable hooks (the tracker keeps
+    // the first report of each port). kprobe events join by socket address,
+    // so the kprobe backend is used whole or not at all.
+    let mut name = "portable";
+    let mut keying_by_address = false;
+    if matches!(choice, Choice::Auto | Choice::Precise) {
+        let precise = attach(&mut ebpf, PRECISE_HOOKS, "precise");
+        let all = precise.iter().all(|(_, ok)| *ok);
+        let any = precise.iter().any(|(_, ok)| *ok);
+        if choice == Choice::Precise && !all {
+            anyhow::bail!("--backend precise cannot load: {}", refusals(&precise));
         }
+        name = if all {
+            "precise"
+        } else if any {
+            "precise+portable"
+        } else {
+            "portable"
+        };
         reports.extend(precise);
     }
-    // With every precise hook in place, the portable backend only adds the
-    // TCP state changes; otherwise all of it joins in.
-    let portable: Vec<&Hook> = PORTABLE_HOOKS.iter().filter(|h| !all_precise || h.name == STATE_HOOK).collect();
-    let portable: Vec<Hook> = portable.into_iter().map(|h| Hook { ..*h }).collect();
-    reports.extend(attach_all(&mut ebpf, &portable, "portable", &btf, kernel_btf.as_ref(), cgroup.as_ref(), options));
-
+    if choice == Choice::Kprobe || (choice == Choice::Auto && name == "portable") {
+        // A fresh object: the refused precise attempts are dropped with the old one.
+        ebpf = load_object(config, options.ring_bytes)?;
+        let kprobe = attach(&mut ebpf, KPROBE_HOOKS, "kprobe");
+        let all = kprobe.iter().all(|(_, ok)| *ok);
+        if choice == Choice::Kprobe && !all {
+            anyhow::bail!("--backend kprobe cannot load: {}", refusals(&kprobe));
+        }
+        if all {
+            name = "kprobe";
+            keying_by_address = true;
+        } else {
+            // Drop the partial kprobe set: portable hooks take over.
+            ebpf = load_object(config, options.ring_bytes)?;
+        }
+        reports.extend(kprobe);
+    }
+    let standalone = matches!(name, "precise" | "kprobe");
+    let portable: Vec<Hook> = PORTABLE_HOOKS.iter().filter(|h| !standalone || h.name == STATE_HOOK).copied().collect();
+    let portable_reports = attach(&mut ebpf, &portable, "portable");
     let refused_essential: Vec<String> = portable
         .iter()
-        .zip(reports.iter().rev().take(portable.len()).rev())
-        .filter(|(hook, (_, ok))| hook.essential && !ok && !(all_precise && hook.name != STATE_HOOK))
+        .zip(&portable_reports)
+        .filter(|(hook, (_, ok))| hook.essential && !ok)
         .map(|(hook, (report, _))| format!("{}: {}", hook.name, report.status))
         .collect();
-    if !refused_essential.is_empty() && !all_precise {
+    if !refused_essential.is_empty() && !standalone {
         anyhow::bail!("the kernel refused hooks port-trace cannot work without: {}", refused_essential.join("; "));
     }
-    let name = match (choice, all_precise) {
-        (Choice::Portable, _) => "portable",
-        (_, true) => "precise",
-        (_, false) if reports.iter().any(|(r, ok)| *ok && r.backend == "precise") => "precise+portable",
-        (_, false) => "portable",
-    };
-    Ok(Backend { ebpf, hooks: reports.into_iter().map(|(r, _)| r).collect(), name })
+    reports.extend(portable_reports);
+    Ok(Backend { ebpf, hooks: reports.into_iter().map(|(r, _)| r).collect(), name, keying_by_address })
 }
 
 impl Backend {
@@ -529,7 +702,7 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
 
     let kernel_btf = crate::btf::Btf::from_sys_fs().ok();
     let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
-    for (backend, hooks) in [("precise", PRECISE_HOOKS), ("portable", PORTABLE_HOOKS)] {
+    for (backend, hooks) in [("precise", PRECISE_HOOKS), ("kprobe", KPROBE_HOOKS), ("portable", PORTABLE_HOOKS)] {
         for hook in hooks {
             for way in hook.ways {
                 // A fresh object per mechanism, so each is tried on its own.
@@ -539,20 +712,5 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
             }
         }
     }
-    let mut ebpf = load_object(&config, 4096)?;
-    let kprobe = (|| -> std::result::Result<(), String> {
-        if !system::kprobes_available() {
-            return Err("kprobes are not available: /sys/bus/event_source/devices/kprobe is missing (kernel built without them)".into());
-        }
-        let p: &mut KProbe = ebpf
-            .program_mut("probe_kprobe")
-            .ok_or("probe program missing")?
-            .try_into()
-            .map_err(|e: ProgramError| describe_error(&e, verbose))?;
-        p.load().map_err(|e| describe_error(&e, verbose))?;
-        p.attach("inet_put_port", 0).map_err(|e| describe_error(&e, verbose))?;
-        Ok(())
-    })();
-    probes.push(Probe { hook: "kprobe/kretprobe".into(), mechanism: "kprobe", backend: "kprobe", result: kprobe });
     Ok(probes)
 }

@@ -5,7 +5,7 @@ use crate::decode::KernelEvent;
 use crate::filter::Filter;
 use crate::output::Counts;
 use crate::record::PortRecord;
-use crate::tracker::Tracker;
+use crate::tracker::{Keying, Tracker};
 
 /// The userspace half of a trace.
 pub struct Pipeline {
@@ -20,9 +20,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline reporting what passes `filter`.
-    pub fn new(filter: Filter) -> Self {
-        Self { tracker: Tracker::new(), filter, counts: Counts::default(), decode_errors: 0, scratch: Vec::new() }
+    /// A pipeline reporting what passes `filter`, joining events as
+    /// `keying` says.
+    pub fn new(filter: Filter, keying: Keying) -> Self {
+        Self {
+            tracker: Tracker::with_keying(keying),
+            filter,
+            counts: Counts::default(),
+            decode_errors: 0,
+            scratch: Vec::new(),
+        }
     }
 
     /// Feeds one ring-buffer record; calls `sink` for every record that
@@ -62,7 +69,7 @@ mod tests {
 
     #[test]
     fn decodes_tracks_filters_and_counts() {
-        let mut pipeline = Pipeline::new(Filter { proto: Some(Proto::Udp), ..Default::default() });
+        let mut pipeline = Pipeline::new(Filter { proto: Some(Proto::Udp), ..Default::default() }, Keying::Cookie);
         let mut raw = RawEvent {
             kind: kind::BIND,
             family: 2,

@@ -66,11 +66,32 @@ pub struct TrackerStats {
     pub duplicate_allocs: u64,
 }
 
+/// What joins the events of one socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Keying {
+    /// The socket cookie (precise and portable backends): never reused, and
+    /// inherited by the TIME_WAIT socket.
+    #[default]
+    Cookie,
+    /// The socket's kernel address (kprobe backend, whose programs cannot
+    /// ask for cookies). Addresses are reused only after a socket is freed,
+    /// that is after its port's release; the TIME_WAIT socket's address is
+    /// tied to its parent's at the hand-off. The `sock` reported is the
+    /// address masked with a per-run secret, not the address itself.
+    Address {
+        /// XORed into addresses before they are shown.
+        mask: u64,
+    },
+}
+
 /// Joins kernel events into port lifecycles.
 #[derive(Default)]
 pub struct Tracker {
     sockets: HashMap<u64, Tracked>,
     stats: TrackerStats,
+    keying: Keying,
+    /// Address keying: TIME_WAIT socket key → its parent's key.
+    time_wait_parent: HashMap<u64, u64>,
 }
 
 fn unknown_owner() -> Task {
@@ -126,9 +147,14 @@ impl Tracked {
 }
 
 impl Tracker {
-    /// An empty tracker.
+    /// An empty tracker joining events by cookie.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty tracker joining events as `keying` says.
+    pub fn with_keying(keying: Keying) -> Self {
+        Self { keying, ..Self::default() }
     }
 
     /// Ports held now by the sockets the tracker follows (TIME_WAIT included).
@@ -148,6 +174,26 @@ impl Tracker {
 
     /// Feeds one kernel event; appends the records it produces to `out`.
     pub fn on_event(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        let Keying::Address { mask } = self.keying else {
+            return self.dispatch(ev, out);
+        };
+        // Re-key the event by address; the handlers below use `cookie`.
+        let mut keyed = ev.clone();
+        keyed.cookie = ev.sk_addr ^ mask;
+        match ev.happening {
+            Happening::TimeWaitStart { .. } => {
+                self.time_wait_parent.insert(ev.tw_addr ^ mask, keyed.cookie);
+            }
+            Happening::TimeWaitEnd => match self.time_wait_parent.remove(&keyed.cookie) {
+                Some(parent) => keyed.cookie = parent,
+                None => return,
+            },
+            _ => {}
+        }
+        self.dispatch(&keyed, out);
+    }
+
+    fn dispatch(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
         match &ev.happening {
             Happening::TcpState { old, new, port_held, sk_err } => {
                 self.on_tcp_state(ev, *old, *new, *port_held, *sk_err, out)
@@ -567,6 +613,8 @@ mod tests {
             task,
             happening,
             syscall: None,
+            sk_addr: cookie * 64,
+            tw_addr: 0,
         }
     }
 
@@ -925,5 +973,32 @@ mod tests {
         );
         assert_eq!(out[5].port.lport, 53, "a failed bind names the port asked for");
         assert_eq!(t.ports_in_use(), 1);
+    }
+
+    /// kprobe backend: events joined by socket address, TIME_WAIT included;
+    /// the reported `sock` is masked.
+    #[test]
+    fn address_keying_joins_time_wait() {
+        let mask = 0x5a5a_5a5a_5a5a_5a5a;
+        let mut t = Tracker::with_keying(Keying::Address { mask });
+        let mut out = Vec::new();
+        let mut connect = ev(1, 0, Proto::Tcp, 40000, Some(80), task(), Happening::Connect { ret: 0, port_before: 0 });
+        connect.sk_addr = 0xffff_8880_0000_1000;
+        t.on_event(&connect, &mut out);
+        let mut tw_start =
+            ev(2, 0, Proto::Tcp, 40000, Some(80), None, Happening::TimeWaitStart { state: Some(FinWait2) });
+        tw_start.sk_addr = connect.sk_addr;
+        tw_start.tw_addr = 0xffff_8880_0000_2000;
+        t.on_event(&tw_start, &mut out);
+        let mut put =
+            ev(3, 0, Proto::Tcp, 40000, Some(80), None, Happening::PutPort { state: Some(FinWait2), sk_err: 0 });
+        put.sk_addr = connect.sk_addr;
+        t.on_event(&put, &mut out);
+        let mut tw_end = ev(9, 0, Proto::Tcp, 40000, None, None, Happening::TimeWaitEnd);
+        tw_end.sk_addr = tw_start.tw_addr;
+        t.on_event(&tw_end, &mut out);
+        assert_eq!(kinds(&out), ["alloc connect true", "state FIN_WAIT2>TIME_WAIT", "release time_wait_end"]);
+        assert!(out.iter().all(|r| r.port.sock == connect.sk_addr ^ mask));
+        assert_eq!(t.ports_in_use(), 0);
     }
 }

@@ -19,6 +19,7 @@ use crate::output::{summary_text, Counts, Format, Header, Output, Summary};
 use crate::pipeline::Pipeline;
 use crate::privileges;
 use crate::system;
+use crate::tracker::Keying;
 use crate::UsageError;
 
 /// Events the kernel could not deliver, and `lost` records written.
@@ -77,17 +78,14 @@ fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
     }
 }
 
-/// Maps the backend choice to what this build offers.
+/// Maps the backend choice to the loader's.
 fn check_backend(choice: BackendArg) -> Result<kernel::Choice> {
-    match choice {
-        BackendArg::Auto => Ok(kernel::Choice::Auto),
-        BackendArg::Portable => Ok(kernel::Choice::Portable),
-        BackendArg::Precise => Ok(kernel::Choice::Precise),
-        BackendArg::Kprobe => bail!(
-            "the kprobe backend is not available in this version of port-trace; \
-             use --backend portable or auto (see `port-trace doctor`)"
-        ),
-    }
+    Ok(match choice {
+        BackendArg::Auto => kernel::Choice::Auto,
+        BackendArg::Portable => kernel::Choice::Portable,
+        BackendArg::Precise => kernel::Choice::Precise,
+        BackendArg::Kprobe => kernel::Choice::Kprobe,
+    })
 }
 
 fn is_broken_pipe(err: &io::Error) -> bool {
@@ -143,7 +141,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     }
 
     let mut output = Output::new(writer, format, args.lifecycles, clock);
-    let mut pipeline = Pipeline::new(filter);
+    let keying = if backend.keying_by_address { Keying::Address { mask: rand_mask() } } else { Keying::Cookie };
+    let mut pipeline = Pipeline::new(filter, keying);
     let mut loss = Loss::default();
     let result =
         trace_loop(&mut output, &header, &mut pipeline, events, &lost_map, &mut loss, args.trace.duration).await;
@@ -247,4 +246,16 @@ async fn trace_loop(
     }
     report_lost(output, loss)?;
     Ok(())
+}
+
+/// A per-run secret that hides kernel addresses in the kprobe backend's
+/// socket ids.
+fn rand_mask() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: valid buffer; getrandom fills at most its length.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != 8 {
+        return BootClock::boot_now_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    u64::from_ne_bytes(bytes)
 }

@@ -1,0 +1,232 @@
+//! What the precise and kprobe backends report from the port allocation and
+//! release functions (`kernel-hooks.md` §1–§2). The bodies are shared: the
+//! fentry/fexit programs (`precise.rs`) and the kprobe/kretprobe programs
+//! (`kprobes.rs`) differ only in how they get the arguments and the cookie.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    macros::map,
+    maps::LruHashMap,
+};
+use core::ffi::c_void;
+use port_trace_common::{kind, KernelConfig};
+
+use crate::{
+    emit,
+    sk::{self, Cookie},
+};
+
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+const TCP_LISTEN: u8 = 10;
+
+/// The syscall the current task is in (`orig_ax`), from its saved user
+/// registers: tells `bind()` from `listen()`, `connect()` and the implicit
+/// bind on a first `sendmsg()`. Only meaningful in process context.
+#[inline(always)]
+fn current_syscall(cfg: &KernelConfig) -> i32 {
+    // SAFETY: helpers without preconditions in tracing programs.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return -1;
+    }
+    sk::read::<i64>(regs, cfg.offsets.pt_regs_syscall) as i32
+}
+
+/// What an entry probe remembers for its return probe, per thread.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Entry {
+    /// The socket argument.
+    pub sk_ptr: u64,
+    /// `snum` for get_port; `skc_num` at entry for hash_connect.
+    pub port: u16,
+    _pad: [u16; 3],
+}
+
+/// Entry state of the get_port and hash_connect calls in flight, per thread
+/// (they do not nest).
+#[map(name = "CALL_ENTRY")]
+static CALL_ENTRY: LruHashMap<u64, Entry> = LruHashMap::with_max_entries(4096, 0);
+
+/// Remembers a call's entry state for its exit.
+#[inline(always)]
+pub fn remember_entry(pid_tgid: u64, sk_ptr: *mut c_void, port: u16) {
+    let entry = Entry { sk_ptr: sk_ptr as u64, port, _pad: [0; 3] };
+    let _ = CALL_ENTRY.insert(pid_tgid, entry, 0);
+}
+
+/// Takes a call's entry state back at its exit.
+#[inline(always)]
+pub fn take_entry(pid_tgid: u64) -> Option<Entry> {
+    // SAFETY: map value read by copy.
+    let entry = unsafe { CALL_ENTRY.get(pid_tgid) }.copied();
+    if entry.is_some() {
+        let _ = CALL_ENTRY.remove(pid_tgid);
+    }
+    entry
+}
+
+/// `skc_num` of a socket at a function's entry.
+#[inline(always)]
+pub fn port_at_entry(sk_ptr: *mut c_void) -> u16 {
+    sk::local_port_held(&sk::config(), sk::addr_of(sk_ptr))
+}
+
+/// A `get_port` call ended with `ret` (0, -errno, or 1 before 6.0).
+#[inline(always)]
+pub fn get_port(sk_ptr: *mut c_void, snum: u16, ret: i32, protocol: u16, how: Cookie) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return 0;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    if sk::protocol(&cfg, sk) != protocol {
+        return 0; // MPTCP's own socket also calls inet_csk_get_port
+    }
+    let state = sk::state(&cfg, sk);
+    // listen() on a bound socket only re-validates its port: listen sets
+    // TCP_LISTEN before calling get_port (inet_csk_listen_start).
+    if protocol == IPPROTO_TCP && state == TCP_LISTEN && snum != 0 {
+        return 0;
+    }
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::GET_PORT, true) else {
+        return 0;
+    };
+    let ev = event.fields();
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.lport = sk::local_port_held(&cfg, sk);
+    ev.req_port = snum;
+    ev.ret = ret;
+    ev.old_state = state;
+    ev.syscall_nr = current_syscall(&cfg);
+    event.submit();
+    0
+}
+
+/// An `inet_hash_connect` call ended with `ret`; `port_before` is `skc_num`
+/// at its entry (non-zero: bound before, no allocation).
+#[inline(always)]
+pub fn hash_connect(sk_ptr: *mut c_void, port_before: u16, ret: i32, how: Cookie) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 || port_before != 0 {
+        return 0;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::CONNECT, true) else {
+        return 0;
+    };
+    let ev = event.fields();
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.lport = sk::local_port_held(&cfg, sk);
+    ev.req_port = 0;
+    ev.ret = ret;
+    ev.syscall_nr = current_syscall(&cfg);
+    event.submit();
+    0
+}
+
+/// A socket gives its port back (`kind`): read at function entry, where
+/// `skc_num` is still set.
+#[inline(always)]
+pub fn put_port(sk_ptr: *mut c_void, kind: u16, protocol: u16, how: Cookie) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return 0;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    let held = sk::local_port_held(&cfg, sk);
+    if held == 0 || sk::protocol(&cfg, sk) != protocol {
+        return 0;
+    }
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind, false) else {
+        return 0;
+    };
+    let ev = event.fields();
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.lport = held;
+    ev.req_port = held;
+    ev.old_state = sk::state(&cfg, sk);
+    ev.ret = sk::sk_err(&cfg, sk);
+    ev.syscall_nr = current_syscall(&cfg);
+    event.submit();
+    0
+}
+
+/// `inet_twsk_hashdance_schedule(tw, sk, ...)`: the TIME_WAIT socket `tw`
+/// takes over the port of `sk` (and has copied its cookie).
+#[inline(always)]
+pub fn time_wait_start(tw_ptr: *mut c_void, sk_ptr: *mut c_void, how: Cookie) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return 0;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::TIME_WAIT_START, false) else {
+        return 0;
+    };
+    let ev = event.fields();
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.old_state = sk::state(&cfg, sk);
+    ev.tw_addr = sk::addr_of(tw_ptr);
+    event.submit();
+    0
+}
+
+/// The TIME_WAIT socket `tw` frees its port. With `check_bucket`, only
+/// while it is still in a bind bucket (`inet_twsk_bind_unhash` acts only
+/// then).
+#[inline(always)]
+pub fn time_wait_end(tw_ptr: *mut c_void, check_bucket: bool) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return 0;
+    }
+    let tw = sk::addr_of(tw_ptr);
+    if check_bucket && sk::read::<u64>(tw, cfg.offsets.tw_tb) == 0 {
+        return 0;
+    }
+    let netns = sk::netns_of(&cfg, tw);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::TIME_WAIT_END, false) else {
+        return 0;
+    };
+    let ev = event.fields();
+    // The TIME_WAIT socket starts with a sock_common: same offsets; its
+    // cookie is the full socket's (inet_twsk_alloc copies it).
+    ev.cookie = sk::stored_cookie(&cfg, tw);
+    ev.flags |= port_trace_common::flags::STORED_COOKIE;
+    ev.netns = netns;
+    ev.sk_addr = tw;
+    ev.family = sk::read(tw, cfg.offsets.skc_family);
+    ev.protocol = IPPROTO_TCP;
+    ev.lport = sk::local_port_held(&cfg, tw);
+    event.submit();
+    0
+}
