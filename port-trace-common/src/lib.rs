@@ -43,6 +43,12 @@ pub mod kind {
     /// fentry `inet_twsk_bind_unhash` (or the `tcp_twsk_destructor`
     /// backstop): the TIME_WAIT socket with this cookie frees the port.
     pub const TIME_WAIT_END: u16 = 9;
+    /// `sys_exit_bind` joined with cgroup `bind4/6`: `bind()` failed with
+    /// `ret` (-EADDRINUSE); `lport` is the port asked for.
+    pub const BIND_FAILED: u16 = 10;
+    /// cgroup `sendmsg4/6`: the first unconnected send of a UDP socket whose
+    /// port was not reported before (the kernel autobound it for the send).
+    pub const UDP_FIRST_SEND: u16 = 11;
 }
 
 /// Bits of [`RawEvent::flags`].

@@ -12,7 +12,10 @@ use aya_ebpf::{
 };
 use port_trace_common::kind;
 
-use crate::{emit, sk};
+use crate::{emit, sk, udp};
+
+const IPPROTO_TCP: u16 = 6;
+const IPPROTO_UDP: u16 = 17;
 
 const ALLOW: i32 = 1;
 
@@ -118,6 +121,14 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     ev.req_port = port_before;
     // The port held now: 0 when the call failed and put it back.
     ev.lport = sk::local_port_held(&cfg, sk);
+    let (udp, cookie) = (ev.protocol == IPPROTO_UDP, ev.cookie);
+    if ev.protocol != IPPROTO_TCP && ev.protocol != IPPROTO_UDP {
+        event.discard();
+        return 0; // raw and ping sockets connect too
+    }
     event.submit();
+    if udp {
+        udp::mark_reported(cookie);
+    }
     0
 }

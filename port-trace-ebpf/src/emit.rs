@@ -36,6 +36,12 @@ impl Event {
     pub fn submit(self) {
         self.0.submit(0);
     }
+
+    /// Gives the slot back unused.
+    #[inline(always)]
+    pub fn discard(self) {
+        self.0.discard(0);
+    }
 }
 
 /// Reserves a slot for an event of `kind` and fills in the time and, when

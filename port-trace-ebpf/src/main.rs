@@ -6,7 +6,7 @@
 #![no_std]
 #![no_main]
 
-mod cgroup_sock;
+mod bind;
 mod connect;
 mod emit;
 mod kprobes;
@@ -14,6 +14,7 @@ mod port_fns;
 mod precise;
 mod sk;
 mod tcp_state;
+mod udp;
 
 #[cfg(not(test))]
 #[panic_handler]

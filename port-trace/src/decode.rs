@@ -112,6 +112,14 @@ pub enum Happening {
     },
     /// The TIME_WAIT socket frees the port (precise backend).
     TimeWaitEnd,
+    /// `bind()` failed with `ret` (-EADDRINUSE) for the port asked for.
+    BindFailed {
+        /// The syscall's return value.
+        ret: i32,
+    },
+    /// The first unconnected send of a UDP socket not reported before: the
+    /// kernel autobound it for the send.
+    UdpFirstSend,
 }
 
 /// One decoded event.
@@ -184,6 +192,8 @@ impl TryFrom<&RawEvent> for KernelEvent {
             kind::PUT_PORT => Happening::PutPort { state: TcpState::from_kernel(raw.old_state), sk_err: raw.ret },
             kind::TIME_WAIT_START => Happening::TimeWaitStart { state: TcpState::from_kernel(raw.old_state) },
             kind::TIME_WAIT_END => Happening::TimeWaitEnd,
+            kind::BIND_FAILED => Happening::BindFailed { ret: raw.ret },
+            kind::UDP_FIRST_SEND => Happening::UdpFirstSend,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         // Old → CLOSE transitions out of CLOSE run in the caller's context too.

@@ -328,6 +328,24 @@ const PORTABLE_HOOKS: &[Hook] = &[
         essential: false,
     },
     Hook {
+        name: "syscalls:sys_exit_bind",
+        ways: &[way("sys_exit_bind", Attach::Tracepoint("syscalls", "sys_exit_bind"))],
+        purpose: "bind() failures (EADDRINUSE)",
+        essential: false,
+    },
+    Hook {
+        name: "cgroup/sendmsg4",
+        ways: &[way("sendmsg4", Attach::CgroupSockAddr)],
+        purpose: "UDP autobind on a first send (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "cgroup/sendmsg6",
+        ways: &[way("sendmsg6", Attach::CgroupSockAddr)],
+        purpose: "UDP autobind on a first send (IPv6)",
+        essential: false,
+    },
+    Hook {
         name: "cgroup/sock_release",
         ways: &[way("sock_release", Attach::CgroupSock)],
         purpose: "UDP releases",

@@ -8,16 +8,15 @@ use port_trace::{doctor, watch, UsageError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let doctor = matches!(cli.command, Some(Command::Doctor(_)));
     if port_trace::privileges::missing_capabilities().is_empty() {
         // Classic tracepoints need tracefs; without it on the host, mount it
         // in a private mount namespace (before the runtime starts threads).
         // The host's mounts are not changed.
-        match port_trace::system::ensure_private_tracefs() {
-            Ok(true) if !doctor => eprintln!("port-trace: tracefs was not mounted; mounted it for this process only"),
-            Ok(true) => {}
-            Ok(false) => {}
-            Err(e) => eprintln!("port-trace: warning: tracefs is not mounted and could not be mounted privately ({e:#}); syscall tracepoints are unavailable"),
+        if let Err(e) = port_trace::system::ensure_private_tracefs() {
+            eprintln!(
+                "port-trace: warning: tracefs is not mounted and could not be mounted privately ({e:#}); \
+                 syscall tracepoints are unavailable"
+            );
         }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

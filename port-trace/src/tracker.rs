@@ -208,7 +208,48 @@ impl Tracker {
             Happening::PutPort { state, .. } => self.on_put_port(ev, *state, out),
             Happening::TimeWaitStart { state } => self.on_time_wait_start(ev, *state, out),
             Happening::TimeWaitEnd => self.on_time_wait_end(ev, out),
+            Happening::BindFailed { ret } => self.on_bind_failed(ev, *ret, out),
+            Happening::UdpFirstSend => self.on_udp_first_send(ev, out),
         }
+    }
+
+    /// `bind()` failed for want of the port (portable backend).
+    fn on_bind_failed(&mut self, ev: &KernelEvent, ret: i32, out: &mut Vec<PortRecord>) {
+        let port = Tracked {
+            phase: Phase::Held,
+            owner: ev.task.clone().unwrap_or_else(unknown_owner),
+            netns: ev.netns,
+            endpoints: ev.endpoints.clone(),
+            alloc_ts_ns: ev.ts_ns,
+            origin: Origin::Bind,
+            ephemeral: ev.endpoints.lport == 0,
+            deferred_state: None,
+        }
+        .port_ref(ev.cookie);
+        out.push(PortRecord {
+            ts_ns: ev.ts_ns,
+            port,
+            body: RecordBody::AllocFail { errno: -ret, origin: Origin::Bind },
+        });
+    }
+
+    /// A UDP socket's first unconnected send (portable backend): unless its
+    /// port is known, the kernel autobound it for this send.
+    fn on_udp_first_send(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        if self.sockets.contains_key(&ev.cookie) || ev.endpoints.lport == 0 {
+            return;
+        }
+        let tracked = Tracked {
+            phase: Phase::Held,
+            owner: ev.task.clone().unwrap_or_else(unknown_owner),
+            netns: ev.netns,
+            endpoints: ev.endpoints.clone(),
+            alloc_ts_ns: ev.ts_ns,
+            origin: Origin::Autobind,
+            ephemeral: true,
+            deferred_state: None,
+        };
+        self.alloc(ev, tracked, out);
     }
 
     /// A `get_port` call (precise backend): a new allocation, or a failed one.
@@ -1000,5 +1041,24 @@ mod tests {
         assert_eq!(kinds(&out), ["alloc connect true", "state FIN_WAIT2>TIME_WAIT", "release time_wait_end"]);
         assert!(out.iter().all(|r| r.port.sock == connect.sk_addr ^ mask));
         assert_eq!(t.ports_in_use(), 0);
+    }
+
+    /// Portable backend: UDP sendto autobind, a repeated first-send report
+    /// (LRU eviction in the kernel) and a failed bind.
+    #[test]
+    fn udp_first_send_and_bind_failure() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 4, Proto::Udp, 51000, None, task(), Happening::UdpFirstSend), &mut out);
+        t.on_event(&ev(2, 4, Proto::Udp, 51000, None, task(), Happening::UdpFirstSend), &mut out);
+        t.on_event(&ev(3, 4, Proto::Udp, 51000, None, task(), Happening::UdpRelease), &mut out);
+        t.on_event(
+            &ev(4, 5, Proto::Tcp, 8080, None, task(), Happening::BindFailed { ret: -libc::EADDRINUSE }),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), ["alloc autobind true", "release close", "alloc_fail 98"]);
+        assert_eq!(out[2].port.lport, 8080);
+        assert!(matches!(out[2].body, RecordBody::AllocFail { origin: Origin::Bind, .. }));
+        assert_eq!(t.stats().duplicate_allocs, 0);
     }
 }

@@ -22,11 +22,25 @@ use crate::system;
 use crate::tracker::Keying;
 use crate::UsageError;
 
-/// Events the kernel could not deliver, and `lost` records written.
-#[derive(Default)]
+/// The kernel's loss counter, what it said so far, and `lost` records
+/// written.
 struct Loss {
+    counter: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     events: u64,
     records: u64,
+}
+
+impl Loss {
+    /// Reports events lost since the last call, if any.
+    fn report(&mut self, output: &mut Output) -> io::Result<()> {
+        let lost = kernel::read_lost(&self.counter);
+        if lost > self.events {
+            output.lost(BootClock::boot_now_ns(), lost - self.events)?;
+            self.events = lost;
+            self.records += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Flush at least this often (the contract: every 100 ms).
@@ -92,8 +106,17 @@ fn is_broken_pipe(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::BrokenPipe
 }
 
+/// SIGINT and SIGTERM, caught from the start so that a signal at any time
+/// ends the run cleanly (a summary, exit 0) instead of killing it.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
 /// Runs `watch`.
 pub async fn run(args: WatchArgs) -> Result<()> {
+    let mut signals =
+        Signals { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? };
     let filter = build_filter(&args.trace)?;
     let netns = match &args.trace.netns {
         Some(arg) => Some(system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
@@ -118,7 +141,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         choice,
     )?;
     let events = backend.take_events()?;
-    let lost_map = backend.take_lost()?;
+    let mut loss = Loss { counter: backend.take_lost()?, events: 0, records: 0 };
     let started = BootClock::boot_now_ns();
     let clock = BootClock::now();
 
@@ -143,9 +166,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let mut output = Output::new(writer, format, args.lifecycles, clock);
     let keying = if backend.keying_by_address { Keying::Address { mask: rand_mask() } } else { Keying::Cookie };
     let mut pipeline = Pipeline::new(filter, keying);
-    let mut loss = Loss::default();
     let result =
-        trace_loop(&mut output, &header, &mut pipeline, events, &lost_map, &mut loss, args.trace.duration).await;
+        trace_loop(&mut output, &header, &mut pipeline, events, &mut loss, args.trace.duration, &mut signals).await;
     match result {
         Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_broken_pipe) => return Ok(()),
         Err(e) => return Err(e),
@@ -188,9 +210,9 @@ async fn trace_loop(
     header: &Header,
     pipeline: &mut Pipeline,
     events: aya::maps::RingBuf<aya::maps::MapData>,
-    lost_map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     loss: &mut Loss,
     duration: Option<Duration>,
+    signals: &mut Signals,
 ) -> Result<()> {
     output.header(header)?;
     output.flush()?;
@@ -198,8 +220,6 @@ async fn trace_loop(
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
     // while the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = async {
@@ -209,16 +229,6 @@ async fn trace_loop(
         }
     };
     tokio::pin!(deadline);
-
-    let report_lost = |output: &mut Output, loss: &mut Loss| -> io::Result<()> {
-        let lost = kernel::read_lost(lost_map);
-        if lost > loss.events {
-            output.lost(BootClock::boot_now_ns(), lost - loss.events)?;
-            loss.events = lost;
-            loss.records += 1;
-        }
-        Ok(())
-    };
 
     loop {
         tokio::select! {
@@ -231,11 +241,11 @@ async fn trace_loop(
                 guard.clear_ready();
             }
             _ = flush_tick.tick() => {
-                report_lost(output, loss)?;
+                loss.report(output)?;
                 output.flush()?;
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = signals.interrupt.recv() => break,
+            _ = signals.terminate.recv() => break,
             _ = &mut deadline => break,
         }
     }
@@ -244,7 +254,7 @@ async fn trace_loop(
     while let Some(item) = ring.next() {
         pipeline.feed(&item, |rec| output.record(rec))?;
     }
-    report_lost(output, loss)?;
+    loss.report(output)?;
     Ok(())
 }
 

@@ -137,6 +137,18 @@ pub fn check_header(h: &Value, t: &HeaderTruth) -> Vec<String> {
     want(h["type"] == "header", format!("type: want \"header\", got {}", h["type"]));
     want(h["schema"] == 1, format!("schema: want 1, got {}", h["schema"]));
     want(h["tool"] == "port-trace", format!("tool: want \"port-trace\", got {}", h["tool"]));
+    // The hooks of the backend in use must all be in place: a program the
+    // verifier refuses is a bug, not something to trace around silently.
+    let backend = h["backend"].as_str().unwrap_or_default();
+    for hook in h["hooks"].as_array().into_iter().flatten() {
+        // precise+portable: portable hooks stand in for refused precise ones.
+        let in_use = match backend {
+            "precise+portable" => hook["backend"] == "portable",
+            b => hook["backend"] == b || hook["backend"] == "portable",
+        };
+        let attached = hook["status"].as_str().is_some_and(|s| s.starts_with("attached"));
+        want(!in_use || attached, format!("hook of the {backend} backend not attached: {hook}"));
+    }
     want(
         h["version"].as_str() == Some(t.version.as_str()),
         format!("version: want {:?}, got {}", t.version, h["version"]),
@@ -335,7 +347,7 @@ pub fn check_lifecycles(truth: &Truth, records: &[Value], netns: u64) -> Report 
         }
     }
 
-    check_failures(truth, records, &mut r);
+    check_failures(truth, records, netns, &mut r);
     check_releases(&pairs, records, netns, &mut r);
 
     for f in check_time_wait_states(truth, records) {
@@ -400,14 +412,91 @@ pub fn check_time_wait_states(truth: &Truth, records: &[Value]) -> Vec<Finding> 
     r.findings
 }
 
+/// A TCP state change, `(old, new)`, as the tracer names the states.
+pub type Transition = (&'static str, &'static str);
+
+/// Strict: for every truth allocation that `want` gives a sequence for, the
+/// `state` records carrying its alloc's cookie are exactly that sequence of
+/// (old, new) transitions, in order, with the socket's lport and pid.
+pub fn check_state_sequences(
+    truth: &Truth,
+    records: &[Value],
+    want: impl Fn(&TruthSocket) -> Option<&'static [Transition]>,
+) -> Vec<Finding> {
+    let mut r = Report::default();
+    let pairs = pair_allocs(truth, records, &mut Report::default());
+    for t in truth.allocations() {
+        let Some(seq) = want(t) else {
+            continue;
+        };
+        let show = |s: &[Transition]| s.iter().map(|(o, n)| format!("{o}->{n}")).collect::<Vec<_>>().join(", ");
+        let Some((_, i)) = pairs.iter().find(|(p, _)| std::ptr::eq(*p, t)) else {
+            r.add(
+                Kind::Missing,
+                "state",
+                t.label(),
+                format!("no alloc record, so no cookie to find [{}] by", show(seq)),
+            );
+            continue;
+        };
+        let Some(cookie) = records[*i]["sock"].as_u64() else {
+            r.add(Kind::Missing, "state", t.label(), format!("the alloc on line {} has no sock cookie", i + 2));
+            continue;
+        };
+        let states: Vec<(usize, &Value)> = records
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v["type"] == "state" && v["sock"].as_u64() == Some(cookie))
+            .collect();
+        let got: Vec<String> =
+            states.iter().map(|(_, v)| format!("{}->{}", str_or(&v["old"]), str_or(&v["new"]))).collect();
+        if got.join(", ") != show(seq) {
+            let lines: Vec<String> = states.iter().map(|(j, _)| (j + 2).to_string()).collect();
+            r.add(
+                Kind::Mismatch,
+                "state",
+                t.label(),
+                format!("sock {cookie}: want [{}], got [{}] (lines {})", show(seq), got.join(", "), lines.join(", ")),
+            );
+        }
+        for (j, v) in &states {
+            let mut d = Vec::new();
+            if t.port_known() && v["lport"].as_u64() != Some(u64::from(t.lport)) {
+                d.push(format!("lport: want {}, got {}", t.lport, v["lport"]));
+            }
+            if v["pid"].as_u64() != Some(u64::from(t.pid)) {
+                d.push(format!("pid: want {}, got {}", t.pid, v["pid"]));
+            }
+            if !d.is_empty() {
+                r.add(Kind::Mismatch, "state", format!("{} line {}", t.label(), j + 2), d.join("; "));
+            }
+        }
+    }
+    r.findings
+}
+
+fn str_or(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
 /// Pairs truth allocations with `alloc` records by (proto, family, laddr,
 /// lport), in allocation order on both sides (a port can be reused by a
-/// later socket). Unpaired ones are added to `r` as missing / extra.
+/// later socket). A truth socket whose port the workload could not see
+/// (see [`TruthSocket::port_known`]) is paired afterwards with a leftover
+/// alloc of the same proto, family, laddr, destination and origin. Unpaired
+/// ones are added to `r` as missing / extra.
 fn pair_allocs<'t>(truth: &'t Truth, records: &[Value], r: &mut Report) -> Vec<(&'t TruthSocket, usize)> {
     type Key = (String, String, Option<IpAddr>, u64);
     let mut want: BTreeMap<Key, Vec<&TruthSocket>> = BTreeMap::new();
+    let mut unknown_port = Vec::new();
     for t in truth.allocations() {
-        want.entry((t.proto.clone(), t.family.clone(), t.laddr.parse().ok(), u64::from(t.lport))).or_default().push(t);
+        if t.port_known() {
+            want.entry((t.proto.clone(), t.family.clone(), t.laddr.parse().ok(), u64::from(t.lport)))
+                .or_default()
+                .push(t);
+        } else {
+            unknown_port.push(t);
+        }
     }
     let mut got: BTreeMap<Key, Vec<usize>> = BTreeMap::new();
     for (i, v) in records.iter().enumerate().filter(|(_, v)| v["type"] == "alloc") {
@@ -423,6 +512,7 @@ fn pair_allocs<'t>(truth: &'t Truth, records: &[Value], r: &mut Report) -> Vec<(
         idx.sort_by_key(|i| (records[*i]["ts"].as_str().and_then(rfc3339::parse), *i));
     }
     let mut pairs = Vec::new();
+    let mut leftover = Vec::new();
     for (key, ts) in &want {
         let is = got.remove(key).unwrap_or_default();
         for (n, t) in ts.iter().enumerate() {
@@ -436,29 +526,55 @@ fn pair_allocs<'t>(truth: &'t Truth, records: &[Value], r: &mut Report) -> Vec<(
                 ),
             }
         }
-        for i in is.iter().skip(ts.len()) {
-            r.add(Kind::Extra, "alloc", format!("line {}", i + 2), records[*i].to_string());
+        leftover.extend(is.iter().skip(ts.len()));
+    }
+    leftover.extend(got.values().flatten());
+    leftover.sort_unstable();
+    for t in unknown_port {
+        let same = |v: &Value| {
+            v["proto"] == t.proto.as_str()
+                && v["family"] == t.family.as_str()
+                && ip(&v["laddr"]) == t.laddr.parse().ok()
+                && ip(&v["raddr"]) == t.raddr.as_deref().and_then(|a| a.parse().ok())
+                && v["rport"].as_u64() == t.rport.map(u64::from)
+                && v["origin"] == t.origin.as_str()
+        };
+        match leftover.iter().position(|i| same(&records[*i])) {
+            Some(p) => pairs.push((t, leftover.remove(p))),
+            None => r.add(
+                Kind::Missing,
+                "alloc",
+                t.label(),
+                format!(
+                    "origin {} to {:?}:{:?} pid {} (port not seen by the workload)",
+                    t.origin, t.raddr, t.rport, t.pid
+                ),
+            ),
         }
     }
-    for is in got.values() {
-        for i in is {
-            r.add(Kind::Extra, "alloc", format!("line {}", i + 2), records[*i].to_string());
-        }
+    for i in leftover {
+        r.add(Kind::Extra, "alloc", format!("line {}", i + 2), records[i].to_string());
     }
     pairs
 }
 
-/// Binds the kernel refused must show up as `alloc_fail`, and nothing else.
-fn check_failures(truth: &Truth, records: &[Value], r: &mut Report) {
+/// Calls the kernel refused without allocating a port must show up as one
+/// `alloc_fail` each (matched by proto, family, lport, errno and, for
+/// connects, the destination), with the caller's pid and comm, and nothing
+/// else may be reported as one.
+fn check_failures(truth: &Truth, records: &[Value], netns: u64, r: &mut Report) {
     let mut fails: Vec<usize> =
         records.iter().enumerate().filter(|(_, v)| v["type"] == "alloc_fail").map(|(i, _)| i).collect();
     for t in truth.failures() {
+        let want_raddr: Option<IpAddr> = t.raddr.as_deref().and_then(|a| a.parse().ok());
         let pos = fails.iter().position(|i| {
             let v = &records[*i];
             v["proto"] == t.proto.as_str()
                 && v["family"] == t.family.as_str()
                 && v["lport"].as_u64() == Some(u64::from(t.lport))
                 && v["errno"].as_str() == t.errno.as_deref()
+                && (want_raddr.is_none() || ip(&v["raddr"]) == want_raddr)
+                && (t.rport.is_none() || v["rport"].as_u64() == t.rport.map(u64::from))
         });
         match pos {
             Some(p) => {
@@ -466,17 +582,33 @@ fn check_failures(truth: &Truth, records: &[Value], r: &mut Report) {
                 let v = &records[i];
                 let mut d = Vec::new();
                 if v["pid"].as_u64() != Some(u64::from(t.pid)) {
-                    d.push(format!("pid: want {}, got {}", t.pid, v["pid"]));
+                    d.push(format!("pid: want {} (the workload), got {}", t.pid, v["pid"]));
+                }
+                if v["comm"] != WORKLOAD_COMM {
+                    d.push(format!("comm: want {WORKLOAD_COMM:?}, got {}", v["comm"]));
+                }
+                if v["netns"].as_u64() != Some(netns) {
+                    d.push(format!("netns: want {netns}, got {}", v["netns"]));
                 }
                 if v["origin"].as_str() != Some(t.origin.as_str()) {
                     d.push(format!("origin: want {:?}, got {}", t.origin, v["origin"]));
                 }
+                diff_time(&v["ts"], &t.allocated_at, "ts vs the workload's clock after the call", &mut d);
                 if !d.is_empty() {
                     r.add(Kind::Mismatch, "alloc_fail", format!("{} line {}", t.label(), i + 2), d.join("; "));
                 }
             }
             None => {
-                r.add(Kind::Missing, "alloc_fail", t.label(), format!("errno {}", t.errno.as_deref().unwrap_or("?")))
+                let to = match (&t.raddr, t.rport) {
+                    (Some(a), Some(p)) => format!(" to {}", join_addr(a, p)),
+                    _ => String::new(),
+                };
+                r.add(
+                    Kind::Missing,
+                    "alloc_fail",
+                    t.label(),
+                    format!("errno {}{to} ({} call by pid {})", t.errno.as_deref().unwrap_or("?"), t.origin, t.pid),
+                )
             }
         }
     }
@@ -541,8 +673,8 @@ fn check_releases(pairs: &[(&TruthSocket, usize)], records: &[Value], netns: u64
         let v = &records[i];
         let mut d = Vec::new();
         diff_common(t, v, netns, &mut d);
-        if v["reason"] != "close" {
-            d.push(format!("reason: want \"close\", got {}", v["reason"]));
+        if v["reason"].as_str() != Some(t.expected_release_reason()) {
+            d.push(format!("reason: want {:?}, got {}", t.expected_release_reason(), v["reason"]));
         }
         if let Some(closed) = &t.closed_at {
             diff_time(&v["ts"], closed, "ts vs the workload's clock after close", &mut d);
@@ -585,7 +717,7 @@ fn diff_common(t: &TruthSocket, v: &Value, netns: u64, d: &mut Vec<String>) {
     if ip(&v["laddr"]) != t.laddr.parse().ok() {
         d.push(format!("laddr: want {:?}, got {}", t.laddr, v["laddr"]));
     }
-    if v["lport"].as_u64() != Some(u64::from(t.lport)) {
+    if t.port_known() && v["lport"].as_u64() != Some(u64::from(t.lport)) {
         d.push(format!("lport: want {}, got {}", t.lport, v["lport"]));
     }
     let want_raddr: Option<IpAddr> = t.raddr.as_deref().and_then(|a| a.parse().ok());
@@ -642,7 +774,7 @@ fn json_opt<T: serde::Serialize>(v: &Option<T>) -> String {
 fn context(truth: &Truth, records: &[Value]) -> String {
     let mut s = format!("\nworkload truth (pid {}), in allocation order:\n", truth.pid);
     s += &format!(
-        "{:>3} {:<22} {:<9} {:<5} {:<5} {:<20} {:<20} {:<8} {:<5} {:<7} {:<9}\n",
+        "{:>3} {:<22} {:<15} {:<5} {:<5} {:<20} {:<20} {:<8} {:<5} {:<7} {:<9}\n",
         "SEQ", "STEP", "OP", "PROTO", "FAM", "LOCAL", "REMOTE", "ORIGIN", "EPH", "RELEASE", "TIME_WAIT"
     );
     let mut all: Vec<&TruthSocket> = truth.sockets.iter().collect();
@@ -653,7 +785,7 @@ fn context(truth: &Truth, records: &[Value]) -> String {
             _ => "-".into(),
         };
         s += &format!(
-            "{:>3} {:<22} {:<9} {:<5} {:<5} {:<20} {:<20} {:<8} {:<5} {:<7} {:<9}\n",
+            "{:>3} {:<22} {:<15} {:<5} {:<5} {:<20} {:<20} {:<8} {:<5} {:<7} {:<9}\n",
             t.seq,
             t.step,
             t.op,
@@ -701,6 +833,7 @@ mod tests {
             allocated_at: "2026-11-26T06:40:00.000000000Z".into(),
             closed_at: Some("2026-11-26T06:40:00.500000000Z".into()),
             errno: None,
+            release_reason: None,
         }
     }
 
@@ -865,5 +998,80 @@ mod tests {
         assert_eq!(check_summary(&records).len(), 1);
         records.pop();
         assert_eq!(check_summary(&records).len(), 1);
+    }
+
+    /// A refused connect (port seen by the workload or not) and an
+    /// EADDRNOTAVAIL connect, with the records the tracer gives for them.
+    fn failures_fixture(port_known: bool) -> (Truth, Vec<Value>) {
+        let mut refused = sock(0, "tcp", 40000, Some(1), "connect", true);
+        refused.op = "connect_refused".into();
+        refused.errno = Some("ECONNREFUSED".into());
+        refused.release_reason = Some("connect_failed".into());
+        let mut exhausted = sock(1, "tcp", 0, Some(20000), "connect", false);
+        exhausted.op = "connect_fail".into();
+        exhausted.laddr = "0.0.0.0".into();
+        exhausted.time_wait = false;
+        exhausted.closed_at = None;
+        exhausted.errno = Some("EADDRNOTAVAIL".into());
+        let (t0, t1) = ("2026-11-26T06:40:00.000000000Z", "2026-11-26T06:40:00.000100000Z");
+        let mut rel = rec("release", &refused, 10, t1);
+        rel["reason"] = json!("connect_failed");
+        rel["held_ns"] = json!(100_000u64);
+        let mut states = Vec::new();
+        for (old, new, ts) in [("CLOSE", "SYN_SENT", t0), ("SYN_SENT", "CLOSE", t1)] {
+            let mut st = rec("state", &refused, 10, ts);
+            st["type"] = json!("state");
+            st["old"] = json!(old);
+            st["new"] = json!(new);
+            st.as_object_mut().unwrap().remove("reason");
+            st.as_object_mut().unwrap().remove("held_ns");
+            states.push(st);
+        }
+        let mut fail = rec("alloc_fail", &exhausted, 11, t1);
+        fail["origin"] = json!("connect");
+        fail["errno"] = json!("EADDRNOTAVAIL");
+        let records = vec![rec("alloc", &refused, 10, t0), states[0].clone(), states[1].clone(), rel, fail];
+        if !port_known {
+            refused.lport = 0;
+        }
+        (Truth { pid: 42, sockets: vec![refused, exhausted] }, records)
+    }
+
+    const REFUSED: &[Transition] = &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")];
+
+    #[test]
+    fn failed_connects_match_with_and_without_the_port() {
+        for known in [true, false] {
+            let (truth, records) = failures_fixture(known);
+            let r = check_lifecycles(&truth, &records, NS);
+            assert!(r.ok(), "port known {known}: {r}");
+            let f = check_state_sequences(&truth, &records, |t| (t.op == "connect_refused").then_some(REFUSED));
+            assert!(f.is_empty(), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn failed_connect_problems_are_found() {
+        let (truth, mut records) = failures_fixture(true);
+        records[3]["reason"] = json!("close"); // release reason
+        records[4]["rport"] = json!(1); // alloc_fail to another destination
+        records.remove(2); // SYN_SENT -> CLOSE
+        let r = check_lifecycles(&truth, &records, NS);
+        let k = kinds(&r);
+        assert!(k.contains(&(Kind::Mismatch, "release".into())), "{r}");
+        assert!(k.contains(&(Kind::Missing, "alloc_fail".into())), "{r}");
+        assert!(k.contains(&(Kind::Extra, "alloc_fail".into())), "{r}");
+        assert!(r.to_string().contains("reason: want \"connect_failed\""), "{r}");
+        let f = check_state_sequences(&truth, &records, |t| (t.op == "connect_refused").then_some(REFUSED));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].detail.contains("want [CLOSE->SYN_SENT, SYN_SENT->CLOSE], got [CLOSE->SYN_SENT]"), "{f:?}");
+    }
+
+    #[test]
+    fn a_second_alloc_fail_for_one_call_is_extra() {
+        let (truth, mut records) = failures_fixture(true);
+        records.push(records[4].clone());
+        let r = check_lifecycles(&truth, &records, NS);
+        assert_eq!(kinds(&r), vec![(Kind::Extra, "alloc_fail".to_string())], "{r}");
     }
 }

@@ -9,8 +9,9 @@
 //!   port event in it belongs to the workload.
 //! - [`tracer::Tracer`]: `port-trace watch --format json` as a child
 //!   process.
-//! - [`run_session`]: all of the above in order: namespace, tracer (until
-//!   its header), workload, SIGINT, every line collected.
+//! - [`run_session`] / [`run_session_with`]: all of the above in order:
+//!   namespace, tracer (until its header), workload, SIGINT (or SIGTERM),
+//!   every line collected.
 //! - [`check`]: the exact comparison of the tracer's records with the truth.
 //!
 //! The kernel tests (tests/kernel.rs) and some harness tests need root; see
@@ -58,6 +59,12 @@ pub fn tracer_bin() -> PathBuf {
     std::env::var_os("PORT_TRACE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug/port-trace"))
+}
+
+/// `$PORT_TRACE_EXTRA_ARGS` split at whitespace: arguments appended to
+/// every tracer command line (`cargo xtask vm-test` sets `--backend B`).
+pub fn tracer_extra_args() -> Vec<OsString> {
+    std::env::var("PORT_TRACE_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(OsString::from).collect()
 }
 
 /// Whether a test that needs root may run.
@@ -184,6 +191,50 @@ impl Session {
     pub fn window(&self) -> check::Window {
         check::Window { start: self.started, end: self.ended }
     }
+
+    /// What the header must agree with: this namespace's range, this
+    /// machine's kernel, this workspace's version, this run's time.
+    pub fn header_truth(&self) -> check::HeaderTruth {
+        check::HeaderTruth {
+            ephemeral_range: self.ephemeral_range,
+            kernel_release: kernel_release(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            window: self.window(),
+        }
+    }
+
+    /// Everything wrong with the run's frame: the header (see
+    /// [`check::check_header`]), how the tracer exited, and the closing
+    /// summary (see [`check::check_summary`]). Empty when all is well.
+    pub fn run_problems(&self) -> Vec<String> {
+        let mut p = check::check_header(&self.tracer.header, &self.header_truth());
+        p.extend(self.tracer.exit_problems());
+        p.extend(check::check_summary(&self.tracer.records));
+        p
+    }
+}
+
+/// `/proc/sys/kernel/osrelease`, trimmed (empty if unreadable).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// How [`run_session_with`] runs the tracer.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Set the namespace's `net.ipv4.ip_local_port_range` to this first.
+    pub ephemeral_range: Option<(u16, u16)>,
+    /// Extra arguments after `watch --format json --netns PATH`, e.g.
+    /// `--skip-mechanism tp_btf`.
+    pub extra_args: Vec<OsString>,
+    /// The signal that ends the run: SIGINT (the default) or SIGTERM.
+    pub stop_signal: libc::c_int,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { ephemeral_range: None, extra_args: Vec::new(), stop_signal: libc::SIGINT }
+    }
 }
 
 /// Runs one traced session: a fresh namespace (with `ephemeral_range` set
@@ -192,18 +243,30 @@ impl Session {
 /// [`DRAIN`], SIGINT, and every line until the tracer exits. The namespace
 /// is deleted before this returns, also on failure.
 pub fn run_session(workload: &Path, scenario: &str, ephemeral_range: Option<(u16, u16)>) -> Result<Session> {
+    run_session_with(workload, scenario, &SessionOptions { ephemeral_range, ..SessionOptions::default() })
+}
+
+/// [`run_session`] with more control: extra tracer arguments and the stop
+/// signal (see [`SessionOptions`]).
+pub fn run_session_with(workload: &Path, scenario: &str, opts: &SessionOptions) -> Result<Session> {
     let ns = NetNs::new()?;
-    if let Some((lo, hi)) = ephemeral_range {
+    if let Some((lo, hi)) = opts.ephemeral_range {
         ns.sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))?;
     }
     let range = ns.ephemeral_range()?;
     let started = rfc3339::unix_nanos(SystemTime::now());
-    let args: Vec<OsString> =
+    let mut args: Vec<OsString> =
         vec!["watch".into(), "--format".into(), "json".into(), "--netns".into(), ns.path().into()];
+    args.extend(opts.extra_args.iter().cloned());
+    args.extend(tracer_extra_args());
     let tracer = Tracer::start(&tracer_bin(), &args, HEADER_TIMEOUT)?;
     let truth = run_workload(&ns, workload, scenario)?;
     std::thread::sleep(DRAIN);
-    let out = tracer.stop(STOP_TIMEOUT)?;
+    let out = match opts.stop_signal {
+        libc::SIGINT => tracer.stop(STOP_TIMEOUT)?,
+        libc::SIGTERM => tracer.terminate(STOP_TIMEOUT)?,
+        other => bail!("run_session_with: stop signal {other} is not SIGINT or SIGTERM"),
+    };
     let ended = rfc3339::unix_nanos(SystemTime::now());
     Ok(Session {
         netns_name: ns.name().to_owned(),

@@ -1,6 +1,7 @@
-//! Running `port-trace watch --format json` as a child process: start it,
-//! wait for its header (the sign that its programs are attached), stop it
-//! with SIGINT and collect every line it wrote.
+//! Running `port-trace watch` as a child process: start it, wait for its
+//! header (the sign that its programs are attached), stop it with SIGINT or
+//! SIGTERM (or let `--duration` end it) and collect every line it wrote.
+//! JSON output is parsed record by record; text output is kept as lines.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -25,22 +26,35 @@ pub struct Line {
     pub utf8: bool,
 }
 
+/// What the tracer writes on stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `--format json`: the first line is a JSON header, every line a JSON
+    /// object.
+    Json,
+    /// `--format text`: the first line is the column header; lines are not
+    /// parsed.
+    Text,
+}
+
 /// A running tracer. Dropping it kills the process if it is still running.
 pub struct Tracer {
     child: Option<Child>,
     lines: Receiver<Line>,
     seen: Vec<Line>,
     stderr: Option<Capture>,
-    /// The header record (the first line).
+    format: Format,
+    spawned: Instant,
+    /// The header record (the first line); `Null` in text mode.
     pub header: Value,
 }
 
 /// Everything a stopped tracer produced.
 #[derive(Debug)]
 pub struct TracerOutput {
-    /// The header record (first line).
+    /// The header record (first line); `Null` in text mode.
     pub header: Value,
-    /// Every record after the header, parsed.
+    /// Every record after the header, parsed (empty in text mode).
     pub records: Vec<Value>,
     /// Every stdout line as written, header included.
     pub lines: Vec<Line>,
@@ -48,6 +62,8 @@ pub struct TracerOutput {
     pub status: ExitStatus,
     /// Everything it wrote to stderr.
     pub stderr: String,
+    /// From spawning the process until it had exited.
+    pub ran_for: Duration,
 }
 
 impl Tracer {
@@ -55,12 +71,23 @@ impl Tracer {
     /// `header_timeout` for the first stdout line, which must be a JSON
     /// object with `"type":"header"`.
     pub fn start(bin: &Path, args: &[OsString], header_timeout: Duration) -> Result<Tracer> {
+        Tracer::start_as(Format::Json, bin, args, header_timeout)
+    }
+
+    /// Like [`Tracer::start`] for `--format text`: the first line (the
+    /// column header) is only awaited, not parsed; see [`Tracer::first_line`].
+    pub fn start_text(bin: &Path, args: &[OsString], header_timeout: Duration) -> Result<Tracer> {
+        Tracer::start_as(Format::Text, bin, args, header_timeout)
+    }
+
+    fn start_as(format: Format, bin: &Path, args: &[OsString], header_timeout: Duration) -> Result<Tracer> {
         if !bin.exists() {
             bail!(
                 "tracer binary {} does not exist: build it (`cargo build -p port-trace`) or set PORT_TRACE_BIN",
                 bin.display()
             );
         }
+        let spawned = Instant::now();
         let mut child = Command::new(bin)
             .args(args)
             .stdin(Stdio::null())
@@ -94,7 +121,15 @@ impl Tracer {
             }
         });
         let stderr = Capture::start(stderr);
-        let mut t = Tracer { child: Some(child), lines, seen: Vec::new(), stderr: Some(stderr), header: Value::Null };
+        let mut t = Tracer {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            format,
+            spawned,
+            header: Value::Null,
+        };
         let first = match t.lines.recv_timeout(header_timeout) {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => {
@@ -107,15 +142,22 @@ impl Tracer {
                 bail!("the tracer closed stdout before its header (exit: {status:?}); stderr:\n{err}");
             }
         };
-        t.header = match serde_json::from_str::<Value>(&first.text) {
-            Ok(v) if v["type"] == "header" => v,
-            _ => {
-                let err = t.kill_and_stderr();
-                bail!("the tracer's first line is not a JSON header: {}\nstderr:\n{err}", first.text);
-            }
-        };
+        if format == Format::Json {
+            t.header = match serde_json::from_str::<Value>(&first.text) {
+                Ok(v) if v["type"] == "header" => v,
+                _ => {
+                    let err = t.kill_and_stderr();
+                    bail!("the tracer's first line is not a JSON header: {}\nstderr:\n{err}", first.text);
+                }
+            };
+        }
         t.seen.push(first);
         Ok(t)
+    }
+
+    /// The first stdout line (the header), as written.
+    pub fn first_line(&self) -> &str {
+        self.seen.first().map_or("", |l| l.text.as_str())
     }
 
     /// The process id.
@@ -124,14 +166,37 @@ impl Tracer {
     }
 
     /// Sends SIGINT and collects every line until the process exits; after
-    /// `timeout` it is killed and this fails. A stdout line that is not a
-    /// JSON object fails too, with the line shown.
-    pub fn stop(mut self, timeout: Duration) -> Result<TracerOutput> {
+    /// `timeout` it is killed and this fails. In JSON mode a stdout line
+    /// that is not a JSON object fails too, with the line shown.
+    pub fn stop(self, timeout: Duration) -> Result<TracerOutput> {
+        self.finish(Some(libc::SIGINT), timeout)
+    }
+
+    /// Like [`Tracer::stop`], with SIGTERM instead of SIGINT.
+    pub fn terminate(self, timeout: Duration) -> Result<TracerOutput> {
+        self.finish(Some(libc::SIGTERM), timeout)
+    }
+
+    /// Sends no signal: waits up to `timeout` for the process to end by
+    /// itself (`--duration`), then collects like [`Tracer::stop`].
+    pub fn wait(self, timeout: Duration) -> Result<TracerOutput> {
+        self.finish(None, timeout)
+    }
+
+    fn finish(mut self, signal: Option<libc::c_int>, timeout: Duration) -> Result<TracerOutput> {
         let deadline = Instant::now() + timeout;
-        let pid = libc::pid_t::try_from(self.pid())?;
-        // SAFETY: plain kill(2) on our own child, which has not been reaped.
-        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
-            bail!("SIGINT to the tracer: {}", std::io::Error::last_os_error());
+        let how = match signal {
+            Some(libc::SIGINT) => "of SIGINT",
+            Some(libc::SIGTERM) => "of SIGTERM",
+            Some(_) => "of the signal",
+            None => "(no signal sent)",
+        };
+        if let Some(sig) = signal {
+            let pid = libc::pid_t::try_from(self.pid())?;
+            // SAFETY: plain kill(2) on our own child, which has not been reaped.
+            if unsafe { libc::kill(pid, sig) } != 0 {
+                bail!("signal {sig} to the tracer: {}", std::io::Error::last_os_error());
+            }
         }
         loop {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -140,7 +205,7 @@ impl Tracer {
                 Err(RecvTimeoutError::Timeout) => {
                     let err = self.kill_and_stderr();
                     bail!(
-                        "the tracer did not exit within {timeout:?} of SIGINT (killed); last lines:\n{}\nstderr:\n{err}",
+                        "the tracer did not exit within {timeout:?} {how} (killed); last lines:\n{}\nstderr:\n{err}",
                         tail(&self.seen, 10)
                     );
                 }
@@ -153,16 +218,16 @@ impl Tracer {
             }
             if Instant::now() >= deadline {
                 let err = self.kill_and_stderr();
-                bail!(
-                    "the tracer closed stdout but did not exit within {timeout:?} of SIGINT (killed); stderr:\n{err}"
-                );
+                bail!("the tracer closed stdout but did not exit within {timeout:?} {how} (killed); stderr:\n{err}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let ran_for = self.spawned.elapsed();
         self.child = None;
         let stderr = self.take_stderr();
         let mut records = Vec::new();
-        for (i, l) in self.seen.iter().enumerate().skip(1) {
+        let json_lines = if self.format == Format::Json { self.seen.len() } else { 0 };
+        for (i, l) in self.seen.iter().enumerate().take(json_lines).skip(1) {
             let v: Value = serde_json::from_str(&l.text).map_err(|e| {
                 anyhow!("tracer stdout line {} is not JSON ({e}): {}\nstderr:\n{stderr}", i + 1, l.text)
             })?;
@@ -177,6 +242,7 @@ impl Tracer {
             lines: std::mem::take(&mut self.seen),
             status,
             stderr,
+            ran_for,
         })
     }
 
@@ -208,8 +274,8 @@ impl Drop for Tracer {
 }
 
 impl TracerOutput {
-    /// Problems with how the run ended: exit status not 0, last line not a
-    /// `summary`, lines that are not newline-terminated UTF-8.
+    /// Problems with how a JSON run ended: exit status not 0, last line not
+    /// a `summary`, lines that are not newline-terminated UTF-8.
     pub fn exit_problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if !self.status.success() {

@@ -11,10 +11,16 @@ use serde::{Deserialize, Serialize};
 /// One socket's life as the workload performed and observed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TruthSocket {
-    /// What was done: `listen` (bind(0) + listen), `connect` (TCP or UDP
-    /// connect on an unbound socket), `bind` (explicit or bind(0), no
-    /// listen), `sendto` (UDP bind(0), then sendto), `bind_fail` (a bind that
-    /// the kernel refused; no socket was allocated).
+    /// What was done: `listen` (bind(0) or an explicit bind, then listen),
+    /// `connect` (TCP or UDP connect on an unbound socket), `bind` (explicit
+    /// or bind(0), no listen), `sendto` (UDP bind(0), then sendto),
+    /// `listen_unbound` (listen on a never-bound TCP socket: the kernel
+    /// picks the port), `autobind` (UDP sendto on a never-bound socket: the
+    /// kernel autobinds), `connect_refused` (TCP connect on an unbound
+    /// socket that the peer refused: the kernel allocated a port and gave it
+    /// back), and the failures, where no port was allocated: `bind_fail` (a
+    /// bind the kernel refused), `connect_fail` (a connect that got no
+    /// port, e.g. EADDRNOTAVAIL).
     pub op: String,
     /// The scenario step, e.g. `a:listener`, `b:client-last-close`.
     pub step: String,
@@ -24,10 +30,14 @@ pub struct TruthSocket {
     pub proto: String,
     /// `ipv4` or `ipv6`.
     pub family: String,
-    /// Local address, as `getsockname` returned it.
+    /// Local address, as `getsockname` returned it (for `connect_refused`,
+    /// whose address the kernel clears on failure: the source address the
+    /// kernel's routing table gives for the destination, `ip route get`).
     pub laddr: String,
     /// Local port, as `getsockname` returned it (for `bind_fail`: the port
-    /// that was asked for).
+    /// that was asked for; for `connect_refused`: getsockname's after the
+    /// failure, 0 when the kernel no longer shows it, see
+    /// [`TruthSocket::port_known`]).
     pub lport: u16,
     /// Remote address for connected sockets, else `None`.
     pub raddr: Option<String>,
@@ -54,12 +64,34 @@ pub struct TruthSocket {
     pub allocated_at: String,
     /// Wall-clock time (RFC 3339) right after the socket was closed.
     pub closed_at: Option<String>,
-    /// For `bind_fail`: the errno name (`EADDRINUSE`, ...).
+    /// For failed calls (`bind_fail`, `connect_fail`, `connect_refused`):
+    /// the errno name the workload got (`EADDRINUSE`, `ECONNREFUSED`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<String>,
+    /// The `reason` the tracer's `release` must carry, when it is not
+    /// `close` (e.g. `connect_failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_reason: Option<String>,
 }
 
 impl TruthSocket {
+    /// A failed call that allocated no port (`bind_fail`, `connect_fail`):
+    /// the tracer must report an `alloc_fail`, no `alloc`.
+    pub fn is_failure(&self) -> bool {
+        matches!(self.op.as_str(), "bind_fail" | "connect_fail")
+    }
+
+    /// Whether `lport` is the port the socket held. False only for a
+    /// refused connect whose socket showed port 0 after the failure.
+    pub fn port_known(&self) -> bool {
+        self.lport != 0 || self.is_failure()
+    }
+
+    /// The `reason` its release must carry: `close` unless said otherwise.
+    pub fn expected_release_reason(&self) -> &str {
+        self.release_reason.as_deref().unwrap_or("close")
+    }
+
     /// `proto family laddr:lport` for messages.
     pub fn label(&self) -> String {
         format!("{} {} {} ({})", self.proto, self.family, join_addr(&self.laddr, self.lport), self.step)
@@ -114,18 +146,24 @@ impl Truth {
     }
 
     /// Sockets that hold (or held) a port, in allocation order: every op
-    /// except `bind_fail`.
+    /// except the failures (see [`TruthSocket::is_failure`]).
     pub fn allocations(&self) -> Vec<&TruthSocket> {
-        let mut v: Vec<&TruthSocket> = self.sockets.iter().filter(|s| s.op != "bind_fail").collect();
+        let mut v: Vec<&TruthSocket> = self.sockets.iter().filter(|s| !s.is_failure()).collect();
         v.sort_by_key(|s| s.seq);
         v
     }
 
-    /// Binds the kernel refused, in order.
+    /// Calls the kernel refused without allocating a port, in order.
     pub fn failures(&self) -> Vec<&TruthSocket> {
-        let mut v: Vec<&TruthSocket> = self.sockets.iter().filter(|s| s.op == "bind_fail").collect();
+        let mut v: Vec<&TruthSocket> = self.sockets.iter().filter(|s| s.is_failure()).collect();
         v.sort_by_key(|s| s.seq);
         v
+    }
+
+    /// The same truth without the sockets `drop` picks (e.g. a known gap
+    /// that a test checks separately).
+    pub fn without(&self, drop: impl Fn(&TruthSocket) -> bool) -> Truth {
+        Truth { pid: self.pid, sockets: self.sockets.iter().filter(|s| !drop(s)).cloned().collect() }
     }
 }
 
@@ -223,4 +261,200 @@ impl Truth {
         }
         p
     }
+}
+
+/// One step a scenario promises, for each of IPv4 and IPv6.
+#[derive(Clone, Copy, Debug)]
+pub struct StepWant {
+    /// The step name the workload prints.
+    pub step: &'static str,
+    /// Its `op`.
+    pub op: &'static str,
+    /// `tcp` or `udp`.
+    pub proto: &'static str,
+    /// The origin the tracer must report.
+    pub origin: &'static str,
+    /// How many sockets of this step per family.
+    pub count: usize,
+}
+
+/// The steps of the `failures` scenario; `x:client` is repeated once per
+/// port of the ephemeral range.
+pub fn failures_steps(range: (u16, u16)) -> [StepWant; 4] {
+    let size = usize::from(range.1.saturating_sub(range.0)) + 1;
+    [
+        StepWant { step: "r:connect-refused", op: "connect_refused", proto: "tcp", origin: "connect", count: 1 },
+        StepWant { step: "x:listener", op: "listen", proto: "tcp", origin: "bind", count: 1 },
+        StepWant { step: "x:client", op: "connect", proto: "tcp", origin: "connect", count: size },
+        StepWant { step: "x:connect-exhausted", op: "connect_fail", proto: "tcp", origin: "connect", count: 1 },
+    ]
+}
+
+/// The step of the `listen-unbound` scenario.
+pub const LISTEN_UNBOUND_STEPS: [StepWant; 1] =
+    [StepWant { step: "g:listen-unbound", op: "listen_unbound", proto: "tcp", origin: "listen", count: 1 }];
+
+/// The steps of the `udp-sendto` scenario.
+pub const UDP_SENDTO_STEPS: [StepWant; 2] = [
+    StepWant { step: "h:udp-receiver", op: "bind", proto: "udp", origin: "bind", count: 1 },
+    StepWant { step: "h:udp-sendto-autobind", op: "autobind", proto: "udp", origin: "autobind", count: 1 },
+];
+
+impl Truth {
+    /// Checks that `scenario` really did what `port-workload` promises for
+    /// it, with ephemeral ports inside `range`; returns the problems found.
+    pub fn scenario_problems(&self, scenario: &str, range: (u16, u16)) -> Vec<String> {
+        match scenario {
+            "basic" => self.basic_problems(range),
+            "failures" => self.failures_problems(range),
+            "listen-unbound" => self.listen_unbound_problems(range),
+            "udp-sendto" => self.udp_sendto_problems(range),
+            other => vec![format!("unknown scenario {other:?}")],
+        }
+    }
+
+    /// The sockets of one step and family, in allocation order.
+    pub fn step(&self, family: &str, step: &str) -> Vec<&TruthSocket> {
+        let mut v: Vec<&TruthSocket> =
+            self.sockets.iter().filter(|s| s.family == family && s.step == step && s.op != "bind_fail").collect();
+        v.sort_by_key(|s| s.seq);
+        v
+    }
+
+    /// The common shape of the newer scenarios: exactly the steps of `want`
+    /// per family (refused binds of a fixed port aside, see
+    /// `bind_fixed_port`), every allocated port released by the end with no
+    /// TIME_WAIT left, ephemeral ports inside `range` and chosen ones
+    /// outside, failures with their errno, sane times.
+    fn steps_problems(&self, want: &[StepWant], range: (u16, u16)) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut seqs: Vec<u32> = self.sockets.iter().map(|s| s.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        if seqs.len() != self.sockets.len() {
+            p.push("duplicate seq numbers".into());
+        }
+        for s in self.sockets.iter().filter(|s| s.op != "bind_fail") {
+            if !want.iter().any(|w| w.step == s.step) {
+                p.push(format!("{}: a step this scenario does not have", s.label()));
+            }
+        }
+        for family in ["ipv4", "ipv6"] {
+            for w in want {
+                let got = self.step(family, w.step);
+                if got.len() != w.count {
+                    p.push(format!("{family} {}: {} sockets, want {}", w.step, got.len(), w.count));
+                }
+                for s in got {
+                    let checks = [
+                        (s.op == w.op, format!("op {}, want {}", s.op, w.op)),
+                        (s.proto == w.proto, format!("proto {}, want {}", s.proto, w.proto)),
+                        (s.origin == w.origin, format!("origin {}, want {}", s.origin, w.origin)),
+                    ];
+                    for (ok, what) in checks {
+                        if !ok {
+                            p.push(format!("{}: {what}", s.label()));
+                        }
+                    }
+                }
+            }
+        }
+        for s in &self.sockets {
+            let a = crate::rfc3339::parse(&s.allocated_at);
+            let c = s.closed_at.as_deref().map(crate::rfc3339::parse);
+            if s.is_failure() {
+                if s.errno.is_none() || a.is_none() {
+                    p.push(format!("{}: a failure without errno or time", s.label()));
+                }
+                continue;
+            }
+            if !matches!((a, c), (Some(a), Some(Some(c))) if c >= a) {
+                p.push(format!("{}: bad times {} / {:?}", s.label(), s.allocated_at, s.closed_at));
+            }
+            if !s.expect_release || s.time_wait {
+                p.push(format!(
+                    "{}: the port was not given back (expect_release {}, time_wait {})",
+                    s.label(),
+                    s.expect_release,
+                    s.time_wait
+                ));
+            }
+            if s.port_known() && s.ephemeral != (range.0..=range.1).contains(&s.lport) {
+                p.push(format!("{}: ephemeral {} but port {} vs range {range:?}", s.label(), s.ephemeral, s.lport));
+            }
+        }
+        p
+    }
+
+    /// The `failures` scenario (see `port-workload`): refused connects that
+    /// really got ECONNREFUSED, and a connect that really got EADDRNOTAVAIL
+    /// while every port of `range` was held towards its destination.
+    pub fn failures_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let mut p = self.steps_problems(&failures_steps(range), range);
+        for family in ["ipv4", "ipv6"] {
+            for s in self.step(family, "r:connect-refused") {
+                if s.errno.as_deref() != Some("ECONNREFUSED") || s.expected_release_reason() != "connect_failed" {
+                    p.push(format!("{}: errno {:?}, release reason {:?}", s.label(), s.errno, s.release_reason));
+                }
+                if s.raddr.is_none() || s.rport.is_none() || !s.ephemeral {
+                    p.push(format!("{}: remote {:?}:{:?}, ephemeral {}", s.label(), s.raddr, s.rport, s.ephemeral));
+                }
+            }
+            let Some(listener) = self.step(family, "x:listener").first().copied() else {
+                continue;
+            };
+            if listener.ephemeral {
+                p.push(format!("{}: the listener must sit on a chosen port outside the range", listener.label()));
+            }
+            let target = (Some(listener.laddr.as_str()), Some(listener.lport));
+            let mut ports: Vec<u16> = Vec::new();
+            for s in self.step(family, "x:client") {
+                if (s.raddr.as_deref(), s.rport) != target {
+                    p.push(format!("{}: not connected to the listener", s.label()));
+                }
+                ports.push(s.lport);
+            }
+            ports.sort_unstable();
+            if ports != (range.0..=range.1).collect::<Vec<u16>>() {
+                p.push(format!("{family} x:client: ports {ports:?} do not cover the whole range {range:?}"));
+            }
+            for s in self.step(family, "x:connect-exhausted") {
+                if s.errno.as_deref() != Some("EADDRNOTAVAIL") || s.lport != 0 {
+                    p.push(format!("{}: errno {:?}, lport {}", s.label(), s.errno, s.lport));
+                }
+                if (s.raddr.as_deref(), s.rport) != target {
+                    p.push(format!("{}: destination is not the listener", s.label()));
+                }
+            }
+        }
+        p
+    }
+
+    /// The `listen-unbound` scenario: a listener on the wildcard address
+    /// with a port the kernel chose.
+    pub fn listen_unbound_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let mut p = self.steps_problems(&LISTEN_UNBOUND_STEPS, range);
+        for s in self.sockets.iter().filter(|s| s.op == "listen_unbound") {
+            if !unspecified(&s.laddr) || !s.ephemeral || s.raddr.is_some() {
+                p.push(format!("{}: want the wildcard address, ephemeral, no remote", s.label()));
+            }
+        }
+        p
+    }
+
+    /// The `udp-sendto` scenario: a bind(0) receiver and an autobound
+    /// sender on the wildcard address.
+    pub fn udp_sendto_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let mut p = self.steps_problems(&UDP_SENDTO_STEPS, range);
+        for s in self.sockets.iter().filter(|s| s.op == "autobind") {
+            if !unspecified(&s.laddr) || !s.ephemeral || s.raddr.is_some() {
+                p.push(format!("{}: want the wildcard address, ephemeral, no remote", s.label()));
+            }
+        }
+        p
+    }
+}
+
+fn unspecified(addr: &str) -> bool {
+    addr.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_unspecified())
 }

@@ -76,6 +76,40 @@ fn workload_truth_is_consistent_with_the_kernel() {
     assert!(truth.failures().is_empty(), "binds refused in a fresh namespace: {truth:#?}");
 }
 
+/// The other scenarios, untraced: each does what it promises (see
+/// `Truth::scenario_problems`), so that a kernel test failing on them points
+/// at the tracer and not at the workload.
+#[test]
+fn workload_scenarios_do_what_they_promise() {
+    if !require_root("workload_scenarios_do_what_they_promise") {
+        return;
+    }
+    for (scenario, range) in
+        [("failures", "40000 40001"), ("listen-unbound", "40000 49999"), ("udp-sendto", "40000 49999")]
+    {
+        let ns = NetNs::new().unwrap();
+        ns.sysctl("net.ipv4.ip_local_port_range", range).unwrap();
+        let range = ns.ephemeral_range().unwrap();
+        let truth = run_workload(&ns, Path::new(WORKLOAD), scenario).unwrap();
+        let problems = truth.scenario_problems(scenario, range);
+        assert!(problems.is_empty(), "{scenario}: {problems:#?}\n{truth:#?}");
+        assert_ne!(truth.pid, std::process::id());
+    }
+}
+
+#[test]
+fn failures_scenario_refuses_a_large_range() {
+    if !require_root("failures_scenario_refuses_a_large_range") {
+        return;
+    }
+    // Exhausting 10000 ports is not what the scenario is for: it must say
+    // so instead of running for minutes.
+    let ns = NetNs::new().unwrap();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 49999").unwrap();
+    let err = run_workload(&ns, Path::new(WORKLOAD), "failures").expect_err("must refuse");
+    assert!(format!("{err:#}").contains("too large to exhaust"), "{err:#}");
+}
+
 #[test]
 fn workload_rejects_unknown_scenarios() {
     let out = Command::new(WORKLOAD).arg("nope").output().unwrap();
@@ -101,7 +135,9 @@ fn tracer_without_header_fails_in_time() {
     assert!(err.to_string().contains("no header"), "{err:#}");
     assert!(t0.elapsed() < Duration::from_secs(5));
 
-    let err = Tracer::start(Path::new("/bin/sh"), &sh("echo hello; echo oops >&2"), Duration::from_secs(5))
+    // stderr first: the harness kills the process as soon as it has read
+    // the bad first line, which must not race with the script's next write.
+    let err = Tracer::start(Path::new("/bin/sh"), &sh("echo oops >&2; echo hello"), Duration::from_secs(5))
         .err()
         .expect("must fail");
     let msg = format!("{err:#}");
@@ -156,4 +192,47 @@ fn tracer_non_json_line_and_bad_exit_are_reported() {
     let out = t.stop(Duration::from_secs(5)).unwrap();
     let p = out.exit_problems();
     assert_eq!(p.len(), 3, "{p:?}"); // exit 3, no summary, unterminated line
+}
+
+#[test]
+fn tracer_is_stopped_with_sigterm_or_ends_by_itself() {
+    let script = r#"
+        trap 'echo "{\"type\":\"summary\",\"by\":\"term\"}"; exit 0' TERM
+        echo '{"type":"header"}'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let out = t.terminate(Duration::from_secs(5)).unwrap();
+    assert!(out.exit_problems().is_empty(), "{:?}", out.exit_problems());
+    assert_eq!(out.records[0]["by"], "term");
+
+    let script = r#"
+        echo '{"type":"header"}'
+        sleep 0.3
+        echo '{"type":"summary"}'"#;
+    let t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let out = t.wait(Duration::from_secs(5)).unwrap();
+    assert!(out.exit_problems().is_empty(), "{:?}", out.exit_problems());
+    assert!(out.ran_for >= Duration::from_millis(300), "{:?}", out.ran_for);
+
+    let t = Tracer::start(Path::new("/bin/sh"), &sh("echo '{\"type\":\"header\"}'; sleep 5"), Duration::from_secs(5))
+        .unwrap();
+    let err = t.wait(Duration::from_millis(300)).expect_err("must time out");
+    assert!(err.to_string().contains("no signal sent"), "{err:#}");
+}
+
+#[test]
+fn text_tracer_lines_are_kept_unparsed() {
+    let script = r#"
+        trap 'echo "port-trace: 0 alloc" >&2; exit 0' INT
+        echo 'TIME  EVENT'
+        echo '12:00 alloc {not json'
+        while :; do sleep 0.05; done"#;
+    let t = Tracer::start_text(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    assert_eq!(t.first_line(), "TIME  EVENT");
+    std::thread::sleep(Duration::from_millis(200));
+    let out = t.stop(Duration::from_secs(5)).unwrap();
+    assert!(out.status.success());
+    assert!(out.records.is_empty() && out.header.is_null());
+    assert_eq!(out.lines.len(), 2, "{}", out.dump());
+    assert!(out.stderr.contains("port-trace: 0 alloc"), "{}", out.stderr);
 }

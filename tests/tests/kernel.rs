@@ -2,8 +2,10 @@
 //!
 //! One traced run of `port-workload basic` in a private network namespace
 //! (ephemeral range narrowed to [`RANGE`] so that the header's range is
-//! checkably the namespace's) is shared by the tests below; each checks one
-//! aspect of the tracer's output against what the workload itself saw.
+//! checkably the namespace's) is shared by the first tests below; each
+//! checks one aspect of the tracer's output against what the workload
+//! itself saw. Every other scenario gets its own namespace and tracer run,
+//! and its test checks that run's header and summary too.
 //!
 //! Needs root (see `require_root`); a missing tracer binary fails.
 //! The tracer is `$PORT_TRACE_BIN`, else `target/debug/port-trace`.
@@ -11,11 +13,18 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use port_trace_integration::check::{self, HeaderTruth};
-use port_trace_integration::{require_root, run_session, tracer_bin, Session};
+use port_trace_integration::check::{self, Finding, Report, Transition};
+use port_trace_integration::{require_root, run_session, run_session_with, tracer_bin, Session, SessionOptions};
+use serde_json::Value;
 
 /// The traced namespace's `ip_local_port_range`.
 const RANGE: (u16, u16) = (40000, 49999);
+
+/// A range of two ports, small enough for the `failures` scenario to
+/// exhaust towards one destination.
+const TINY_RANGE: (u16, u16) = (40000, 40001);
+
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_port-workload");
 
 /// The shared run, made by the first test that needs it.
 fn session(test: &str) -> Option<&'static Session> {
@@ -23,14 +32,55 @@ fn session(test: &str) -> Option<&'static Session> {
     if !require_root(test) {
         return None;
     }
-    let run = SESSION.get_or_init(|| {
-        let workload = Path::new(env!("CARGO_BIN_EXE_port-workload"));
-        run_session(workload, "basic", Some(RANGE)).map_err(|e| format!("{e:#}"))
-    });
+    let run =
+        SESSION.get_or_init(|| run_session(Path::new(WORKLOAD), "basic", Some(RANGE)).map_err(|e| format!("{e:#}")));
     match run {
         Ok(s) => Some(s),
         Err(e) => panic!("the traced run of {} failed: {e}", tracer_bin().display()),
     }
+}
+
+/// A run of its own for one test: `scenario` in a fresh namespace with
+/// `range`, the tracer started with `extra_args`.
+fn own_session(test: &str, scenario: &str, range: (u16, u16), extra_args: &[&str]) -> Option<Session> {
+    if !require_root(test) {
+        return None;
+    }
+    let opts = SessionOptions {
+        ephemeral_range: Some(range),
+        extra_args: extra_args.iter().map(Into::into).collect(),
+        ..SessionOptions::default()
+    };
+    match run_session_with(Path::new(WORKLOAD), scenario, &opts) {
+        Ok(s) => Some(s),
+        Err(e) => panic!("the traced run of {} with `{scenario}` failed: {e:#}", tracer_bin().display()),
+    }
+}
+
+/// The full comparison of a run: the workload did what `scenario` promises,
+/// every record matches its truth exactly (see `check_lifecycles`), the
+/// records keep the contract (`check_schema`), the header, exit and summary
+/// are right (`run_problems`), plus `more` findings of the test's own.
+/// Fails with the difference table and both sides in full.
+fn assert_matches_truth(s: &Session, scenario: &str, mut report: Report, more: Vec<Finding>) {
+    let shape = s.truth.scenario_problems(scenario, s.ephemeral_range);
+    assert!(shape.is_empty(), "the workload did not do what `{scenario}` promises: {shape:#?}\n{:#?}", s.truth);
+    report.findings.extend(check::check_schema(&s.tracer.records, s.netns_inode, s.window()).findings);
+    report.findings.extend(more);
+    let run = s.run_problems();
+    for p in &run {
+        report.notes.push(format!("run: {p}"));
+    }
+    eprintln!("`{scenario}` in netns {} (inode {}):\n{report}", s.netns_name, s.netns_inode);
+    assert!(
+        report.ok() && run.is_empty(),
+        "port-trace's records differ from the workload's truth (`{scenario}`, netns {}, inode {}):\n{report}\n\
+         header: {}\ntracer stderr:\n{}",
+        s.netns_name,
+        s.netns_inode,
+        s.tracer.header,
+        s.tracer.stderr
+    );
 }
 
 #[test]
@@ -38,15 +88,7 @@ fn header_and_summary() {
     let Some(s) = session("header_and_summary") else {
         return;
     };
-    let t = HeaderTruth {
-        ephemeral_range: s.ephemeral_range,
-        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_owned(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        window: s.window(),
-    };
-    let mut problems = check::check_header(&s.tracer.header, &t);
-    problems.extend(s.tracer.exit_problems());
-    problems.extend(check::check_summary(&s.tracer.records));
+    let problems = s.run_problems();
     eprintln!("header: {}", s.tracer.header);
     eprintln!("summary: {}", s.tracer.records.last().map(ToString::to_string).unwrap_or_default());
     assert!(
@@ -63,24 +105,8 @@ fn basic_lifecycles_match_workload_truth() {
     let Some(s) = session("basic_lifecycles_match_workload_truth") else {
         return;
     };
-    let shape = s.truth.basic_problems(s.ephemeral_range);
-    assert!(shape.is_empty(), "the workload did not do what `basic` promises: {shape:#?}");
-
-    let mut report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
-    let schema = check::check_schema(&s.tracer.records, s.netns_inode, s.window());
-    report.findings.extend(schema.findings);
-    for p in s.tracer.exit_problems() {
-        report.notes.push(format!("tracer exit: {p}"));
-    }
-    let exit_ok = s.tracer.exit_problems().is_empty();
-    eprintln!("netns {} (inode {}):\n{report}", s.netns_name, s.netns_inode);
-    assert!(
-        report.ok() && exit_ok,
-        "port-trace's records differ from the workload's truth in netns {} (inode {}):\n{report}\ntracer stderr:\n{}",
-        s.netns_name,
-        s.netns_inode,
-        s.tracer.stderr
-    );
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    assert_matches_truth(s, "basic", report, Vec::new());
 }
 
 #[test]
@@ -98,4 +124,117 @@ fn time_wait_handoff_is_reported_as_state() {
         table.join("\n  "),
         s.tracer.dump()
     );
+}
+
+/// The TCP hooks that have a tp_btf and a raw_tp form.
+const TCP_HOOKS: [&str; 2] = ["sock:inet_sock_set_state", "tcp:tcp_destroy_sock"];
+
+/// The header's `hooks` entry for `hook`.
+fn hook_status<'a>(header: &'a Value, hook: &str) -> Option<&'a str> {
+    header["hooks"].as_array()?.iter().find(|h| h["hook"] == hook)?["status"].as_str()
+}
+
+/// `basic` with tp_btf refused (`--skip-mechanism tp_btf`): the TCP hooks
+/// fall back to raw tracepoints, the header says so, and the records match
+/// the workload's truth exactly as in the default run, TIME_WAIT hand-offs
+/// included.
+#[test]
+fn raw_tracepoint_fallback_matches_workload_truth() {
+    let test = "raw_tracepoint_fallback_matches_workload_truth";
+    let Some(s) = own_session(test, "basic", RANGE, &["--skip-mechanism", "tp_btf"]) else {
+        return;
+    };
+    let mut hooks = Vec::new();
+    for hook in TCP_HOOKS {
+        match hook_status(&s.tracer.header, hook) {
+            Some(st) if st.starts_with("attached (raw_tp") && st.contains("tp_btf") => {}
+            other => {
+                hooks.push(format!("{hook}: want \"attached (raw_tp; fallback: tp_btf skipped ...)\", got {other:?}"))
+            }
+        }
+    }
+    // Without the flag the same hooks use tp_btf, so the flag made the
+    // difference (the shared default run).
+    if let Some(default) = session(test) {
+        for hook in TCP_HOOKS {
+            let st = hook_status(&default.tracer.header, hook);
+            if st != Some("attached (tp_btf)") {
+                hooks.push(format!("{hook} in the default run: want \"attached (tp_btf)\", got {st:?}"));
+            }
+        }
+    }
+    assert!(hooks.is_empty(), "header hooks:\n  {}\nheader: {}", hooks.join("\n  "), s.tracer.header);
+
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    let time_wait = check::check_time_wait_states(&s.truth, &s.tracer.records);
+    assert_matches_truth(&s, "basic", report, time_wait);
+}
+
+/// The states a refused connect goes through.
+const REFUSED: &[Transition] = &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")];
+
+/// `failures`: a refused connect is an alloc (origin connect, ephemeral,
+/// destination, the workload's pid) released with reason `connect_failed`,
+/// via SYN_SENT; a connect that found every port of the range in use is
+/// exactly one `alloc_fail` with errno EADDRNOTAVAIL, the destination and
+/// the caller; the rest of the scenario (listener, clients) matches
+/// normally, and nothing else is reported.
+#[test]
+fn failed_connects_are_reported() {
+    let Some(s) = own_session("failed_connects_are_reported", "failures", TINY_RANGE, &[]) else {
+        return;
+    };
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    let mut more =
+        check::check_state_sequences(&s.truth, &s.tracer.records, |t| (t.op == "connect_refused").then_some(REFUSED));
+    // A refused socket's port may be invisible to the workload; the
+    // kernel can only have taken it from the range.
+    let (lo, hi) = s.ephemeral_range;
+    for (i, v) in s.tracer.records.iter().enumerate() {
+        let lport = v["lport"].as_u64().unwrap_or(0);
+        if v["type"] == "alloc" && v["ephemeral"] == true && !(u64::from(lo)..=u64::from(hi)).contains(&lport) {
+            more.push(Finding {
+                kind: check::Kind::Mismatch,
+                record: "alloc".into(),
+                subject: format!("line {}", i + 2),
+                detail: format!("ephemeral port {lport} outside the namespace's range {lo}-{hi}: {v}"),
+            });
+        }
+    }
+    let fails = s.truth.failures().len();
+    assert!(fails >= 2, "the workload reported {fails} failed calls; `failures` makes one per family");
+    assert_matches_truth(&s, "failures", report, more);
+}
+
+/// The states of a listener that is closed without a connection.
+const LISTENED: &[Transition] = &[("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")];
+
+/// `listen-unbound`: `listen()` on a never-bound socket allocates a port
+/// the kernel chose; it must be an alloc with origin `listen`, ephemeral,
+/// the wildcard address and getsockname's port (the portable backend sees
+/// it only at the socket's next event, but stamps it with the listen time),
+/// then CLOSE->LISTEN, LISTEN->CLOSE and a release on close.
+#[test]
+fn listen_on_unbound_socket_is_an_allocation() {
+    let Some(s) = own_session("listen_on_unbound_socket_is_an_allocation", "listen-unbound", RANGE, &[]) else {
+        return;
+    };
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    let more =
+        check::check_state_sequences(&s.truth, &s.tracer.records, |t| (t.op == "listen_unbound").then_some(LISTENED));
+    assert_matches_truth(&s, "listen-unbound", report, more);
+}
+
+/// UDP `sendto()` on an unbound socket: the kernel autobinds it for the
+/// send (`inet_send_prepare`); the portable backend reports it from the
+/// first unconnected send (cgroup `sendmsg4/6`) as an `autobind` alloc.
+#[test]
+fn udp_sendto_autobind_is_an_allocation() {
+    let Some(s) = own_session("udp_sendto_autobind_is_an_allocation", "udp-sendto", RANGE, &[]) else {
+        return;
+    };
+    let autobound = s.truth.sockets.iter().filter(|t| t.origin == "autobind").count();
+    assert!(autobound == 2, "the workload autobound {autobound} sockets; `udp-sendto` makes one per family");
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    assert_matches_truth(&s, "udp-sendto", report, Vec::new());
 }

@@ -27,6 +27,25 @@
 //!
 //!   then the receiver and the listener close. Every port but the TIME_WAIT
 //!   one is released by the end.
+//! - `failures`: for 127.0.0.1 and then ::1:
+//!   - r: a TCP `connect()` from an unbound socket to a port nobody listens
+//!     on; it must fail with ECONNREFUSED (the kernel allocated a port and
+//!     gave it back: origin `connect`, release reason `connect_failed`);
+//!   - x: a TCP listener on a chosen port outside the ephemeral range, one
+//!     client per port of the ephemeral range (the namespace's range must be
+//!     tiny, e.g. 40000-40001), then one more `connect()`, which must fail
+//!     with EADDRNOTAVAIL (no port: an `alloc_fail`); then every connection
+//!     is closed server side first, so that no client port is left in
+//!     TIME_WAIT.
+//! - `listen-unbound`: for 0.0.0.0 and then :: : a TCP socket that is never
+//!   bound calls `listen()`, so the kernel picks its port (origin `listen`,
+//!   ephemeral); `getsockname`, close.
+//! - `udp-sendto`: for 127.0.0.1 and then ::1: a UDP receiver on `bind(0)`,
+//!   and a never-bound UDP socket that `sendto()`s it, so the kernel
+//!   autobinds it (origin `autobind`, ephemeral); both close.
+//!
+//! Every failed call's errno is checked: anything but the one the step
+//! needs exits 1.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -53,10 +72,13 @@ const UDP_UNCONNECTED: u8 = 7;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let scenario = match args.as_slice() {
+    let scenario: fn(&mut Workload) -> Result<()> = match args.as_slice() {
         [s] if s == "basic" => basic,
+        [s] if s == "failures" => failures,
+        [s] if s == "listen-unbound" => listen_unbound,
+        [s] if s == "udp-sendto" => udp_sendto,
         _ => {
-            eprintln!("usage: port-workload basic");
+            eprintln!("usage: port-workload basic|failures|listen-unbound|udp-sendto");
             return ExitCode::from(2);
         }
     };
@@ -129,13 +151,20 @@ impl Workload {
 
     /// Prints the truth line of a closed socket.
     fn closed(&mut self, a: &Alloc, after: AfterClose, expect_release: bool) -> Result<()> {
+        let t = self.truth_of(a, after, expect_release)?;
+        self.emit(&t)
+    }
+
+    /// The truth line of a closed socket, checked against what the kernel
+    /// showed after the close.
+    fn truth_of(&self, a: &Alloc, after: AfterClose, expect_release: bool) -> Result<TruthSocket> {
         if expect_release && after.freed == Some(false) {
             bail!("{}: the kernel still lists the socket after close", a.step);
         }
         if !expect_release && !after.time_wait {
             bail!("{}: expected the port to be held in TIME_WAIT, but it is not", a.step);
         }
-        let t = TruthSocket {
+        Ok(TruthSocket {
             op: a.op.into(),
             step: a.step.into(),
             seq: a.seq,
@@ -154,8 +183,8 @@ impl Workload {
             allocated_at: rfc3339::format(a.allocated_at),
             closed_at: Some(rfc3339::format(after.closed_at)),
             errno: None,
-        };
-        self.emit(&t)
+            release_reason: None,
+        })
     }
 
     /// Prints the truth line of a bind the kernel refused.
@@ -181,6 +210,36 @@ impl Workload {
             allocated_at: rfc3339::format(SystemTime::now()),
             closed_at: None,
             errno: Some(errno_name(err)),
+            release_reason: None,
+        };
+        self.emit(&t)
+    }
+
+    /// Prints the truth line of a TCP connect that got no port at all
+    /// (`local`: getsockname after the failure).
+    fn connect_failed(&mut self, step: &'static str, local: SocketAddr, to: SocketAddr, err: &io::Error) -> Result<()> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let t = TruthSocket {
+            op: "connect_fail".into(),
+            step: step.into(),
+            seq,
+            proto: "tcp".into(),
+            family: family_name(to.ip()).into(),
+            laddr: local.ip().to_string(),
+            lport: local.port(),
+            raddr: Some(to.ip().to_string()),
+            rport: Some(to.port()),
+            pid: self.pid,
+            origin: "connect".into(),
+            ephemeral: true,
+            expect_release: false,
+            time_wait: false,
+            freed: None,
+            allocated_at: rfc3339::format(SystemTime::now()),
+            closed_at: None,
+            errno: Some(errno_name(err)),
+            release_reason: None,
         };
         self.emit(&t)
     }
@@ -237,7 +296,7 @@ fn basic_family(w: &mut Workload, ip: IpAddr, range: (u16, u16)) -> Result<()> {
     w.closed(&client_alloc, after, false)?;
 
     // d. explicit bind outside the ephemeral range, no listen
-    let (sock, port) = bind_fixed_port(w, ip, range)?;
+    let (sock, port) = bind_fixed_port(w, "d:explicit-bind", ip, range)?;
     let local = local_addr(&sock)?;
     ensure!(local.port() == port, "d: asked for port {port}, getsockname says {local}");
     let alloc = w.alloc("d:explicit-bind", "bind", Proto::Tcp, local, None, "bind", false);
@@ -278,6 +337,157 @@ fn basic_family(w: &mut Workload, ip: IpAddr, range: (u16, u16)) -> Result<()> {
     drop(listener);
     let after = settle(Proto::Tcp, laddr, None)?;
     w.closed(&listener_alloc, after, true)?;
+    Ok(())
+}
+
+/// A port no socket of this namespace listens on (checked in the kernel's
+/// tables), outside the ephemeral range, for connects that must be refused.
+fn closed_port(ip: IpAddr, range: (u16, u16)) -> Result<u16> {
+    let listening: Vec<u16> = procnet::read(Proto::Tcp, ip.is_ipv6())?
+        .into_iter()
+        .filter(|e| e.state == TCP_LISTEN)
+        .map(|e| e.local.port())
+        .collect();
+    (1..range.0).find(|p| !listening.contains(p)).context("no closed port below the ephemeral range")
+}
+
+/// The source address the kernel's routing table picks for `to`
+/// (`ip -j route get`, whose `prefsrc` is that address).
+fn route_source(to: IpAddr) -> Result<IpAddr> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "route", "get", &to.to_string()])
+        .output()
+        .context("running `ip route get`")?;
+    ensure!(out.status.success(), "ip route get {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j route get: not JSON")?;
+    let src = v[0]["prefsrc"].as_str().with_context(|| format!("ip route get {to}: no prefsrc in {v}"))?;
+    src.parse().with_context(|| format!("ip route get {to}: prefsrc {src:?}"))
+}
+
+/// The `failures` scenario (see the crate documentation).
+fn failures(w: &mut Workload) -> Result<()> {
+    let range = ephemeral_range()?;
+    let size = usize::from(range.1 - range.0) + 1;
+    ensure!(size <= 16, "failures: the ephemeral range {range:?} is too large to exhaust; set e.g. 40000-40001");
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        connect_refused(w, ip, range).with_context(|| format!("r: {ip}"))?;
+    }
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        connect_exhausted(w, ip, range, size).with_context(|| format!("x: {ip}"))?;
+    }
+    Ok(())
+}
+
+/// r. A connect to a closed port: ECONNREFUSED after the kernel allocated
+/// a port for it.
+fn connect_refused(w: &mut Workload, ip: IpAddr, range: (u16, u16)) -> Result<()> {
+    let to = SocketAddr::new(ip, closed_port(ip, range)?);
+    let src = route_source(ip)?;
+    let sock = new_socket(ip, Proto::Tcp)?;
+    match sock.connect(&to.into()) {
+        Ok(()) => bail!("connect to {to} succeeded; nothing should listen there"),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        Err(e) => bail!("connect to {to}: want ECONNREFUSED, the kernel said {} ({e})", errno_name(&e)),
+    }
+    // The kernel clears the address on failure; the port may survive.
+    let after = local_addr(&sock)?;
+    let local = SocketAddr::new(src, after.port());
+    let alloc = w.alloc("r:connect-refused", "connect_refused", Proto::Tcp, local, Some(to), "connect", true);
+    drop(sock);
+    // A failed connect's socket is in no table; nothing to settle.
+    let after = AfterClose { closed_at: SystemTime::now(), time_wait: false, freed: None };
+    let mut t = w.truth_of(&alloc, after, true)?;
+    t.errno = Some("ECONNREFUSED".into());
+    t.release_reason = Some("connect_failed".into());
+    w.emit(&t)
+}
+
+/// x. Every port of the range held towards one listener, then one more
+/// connect to it: EADDRNOTAVAIL.
+fn connect_exhausted(w: &mut Workload, ip: IpAddr, range: (u16, u16), size: usize) -> Result<()> {
+    let (sock, port) = bind_fixed_port(w, "x:listener", ip, range)?;
+    sock.listen(16).context("listen")?;
+    let laddr = local_addr(&sock)?;
+    ensure!(laddr.port() == port, "asked for port {port}, getsockname says {laddr}");
+    let listener_alloc = w.alloc("x:listener", "listen", Proto::Tcp, laddr, None, "bind", false);
+    let listener: TcpListener = sock.into();
+    expect_listed("x:listener", Proto::Tcp, laddr, None, TCP_LISTEN)?;
+
+    let mut conns = Vec::new();
+    for _ in 0..size {
+        let (client, alloc) = tcp_connect(w, "x:client", laddr)?;
+        let (server, peer) = listener.accept().context("accept")?;
+        ensure!(peer == alloc.local, "accept saw {peer}, getsockname {}", alloc.local);
+        expect_listed("x:client", Proto::Tcp, alloc.local, Some(laddr), TCP_ESTABLISHED)?;
+        conns.push((client, server, alloc));
+    }
+    let mut used: Vec<u16> = conns.iter().map(|(_, _, a)| a.local.port()).collect();
+    used.sort_unstable();
+    ensure!(used == (range.0..=range.1).collect::<Vec<u16>>(), "client ports {used:?} are not the range {range:?}");
+
+    let sock = new_socket(ip, Proto::Tcp)?;
+    match sock.connect(&laddr.into()) {
+        Ok(()) => bail!("connect {} -> {laddr} succeeded with every port of {range:?} in use", local_addr(&sock)?),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            let local = local_addr(&sock)?;
+            w.connect_failed("x:connect-exhausted", local, laddr, &e)?;
+        }
+        Err(e) => bail!("connect to {laddr}: want EADDRNOTAVAIL, the kernel said {} ({e})", errno_name(&e)),
+    }
+    drop(sock);
+
+    // The server side closes first, so that the client ports are freed.
+    for (mut client, server, alloc) in conns {
+        drop(server);
+        let n = client.read(&mut [0u8; 16]).context("client read")?;
+        ensure!(n == 0, "client read {n} bytes, expected EOF");
+        drop(client);
+        let after = settle(Proto::Tcp, alloc.local, Some(laddr))?;
+        w.closed(&alloc, after, true)?;
+    }
+    drop(listener);
+    let after = settle(Proto::Tcp, laddr, None)?;
+    w.closed(&listener_alloc, after, true)
+}
+
+/// The `listen-unbound` scenario (see the crate documentation).
+fn listen_unbound(w: &mut Workload) -> Result<()> {
+    for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+        let step = "g:listen-unbound";
+        let sock = new_socket(ip, Proto::Tcp)?;
+        sock.listen(16).with_context(|| format!("{step}: listen on an unbound socket ({ip})"))?;
+        let local = local_addr(&sock)?;
+        ensure!(local.port() != 0, "{step}: no port after listen ({local})");
+        ensure!(local.ip() == ip, "{step}: listening on {local}, want the wildcard address {ip}");
+        let alloc = w.alloc(step, "listen_unbound", Proto::Tcp, local, None, "listen", true);
+        expect_listed(step, Proto::Tcp, local, None, TCP_LISTEN)?;
+        drop(sock);
+        let after = settle(Proto::Tcp, local, None)?;
+        w.closed(&alloc, after, true)?;
+    }
+    Ok(())
+}
+
+/// The `udp-sendto` scenario (see the crate documentation).
+fn udp_sendto(w: &mut Workload) -> Result<()> {
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let step = "h:udp-sendto-autobind";
+        let (recv_sock, recv_alloc) = udp_bind0(w, ip, "h:udp-receiver", "bind")?;
+        let sock: UdpSocket = new_socket(ip, Proto::Udp)?.into();
+        sock.send_to(b"h", recv_alloc.local).with_context(|| format!("{step}: sendto"))?;
+        let local = sock.local_addr().context("getsockname")?;
+        ensure!(local.port() != 0, "{step}: no port after sendto ({local})");
+        let alloc = w.alloc(step, "autobind", Proto::Udp, local, None, "autobind", true);
+        expect_listed(step, Proto::Udp, local, None, UDP_UNCONNECTED)?;
+        expect_datagram(&recv_sock, SocketAddr::new(ip, local.port()), step)?;
+        drop(sock);
+        let after = settle(Proto::Udp, local, None)?;
+        w.closed(&alloc, after, true)?;
+
+        drop(recv_sock);
+        let after = settle(Proto::Udp, recv_alloc.local, None)?;
+        w.closed(&recv_alloc, after, true)?;
+    }
     Ok(())
 }
 
@@ -325,18 +535,18 @@ fn udp_bind0(w: &mut Workload, ip: IpAddr, step: &'static str, op: &'static str)
 
 /// Binds a TCP socket to the first free port of 20000..=30000 that lies
 /// outside the ephemeral range, reporting every refused attempt.
-fn bind_fixed_port(w: &mut Workload, ip: IpAddr, range: (u16, u16)) -> Result<(Socket, u16)> {
+fn bind_fixed_port(w: &mut Workload, step: &'static str, ip: IpAddr, range: (u16, u16)) -> Result<(Socket, u16)> {
     let candidates = (20000..=30000).chain(1024..range.0).filter(|p| !(range.0..=range.1).contains(p));
     for port in candidates {
         let sock = new_socket(ip, Proto::Tcp)?;
         let want = SocketAddr::new(ip, port);
         match sock.bind(&want.into()) {
             Ok(()) => return Ok((sock, port)),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => w.bind_failed("d:explicit-bind", want, &e)?,
-            Err(e) => return Err(e).with_context(|| format!("d: bind {want}")),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => w.bind_failed(step, want, &e)?,
+            Err(e) => return Err(e).with_context(|| format!("{step}: bind {want}")),
         }
     }
-    bail!("d: no free port outside the ephemeral range {range:?}")
+    bail!("{step}: no free port outside the ephemeral range {range:?}")
 }
 
 /// Receives one datagram and checks that it came from `from`.
@@ -415,6 +625,7 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
         Some(libc::EACCES) => "EACCES".into(),
         Some(libc::EAGAIN) => "EAGAIN".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(n) => format!("E{n}"),
         None => "unknown".into(),
     }

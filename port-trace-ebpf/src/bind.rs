@@ -1,0 +1,172 @@
+//! `bind()`: cgroup `bind4/6` run before the kernel picks a port and
+//! remember what was asked; `post_bind4/6` run after it succeeded; the
+//! `sys_exit_bind` tracepoint reports the binds that failed for want of a
+//! port. The cgroup hooks are attached to the cgroup v2 root and run for
+//! every process: they must be cheap and always allow the call (return 1).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint},
+    maps::LruHashMap,
+    programs::{SockAddrContext, SockContext, TracePointContext},
+    EbpfContext,
+};
+use port_trace_common::kind;
+
+use crate::{emit, sk, udp};
+
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u16 = 6;
+const IPPROTO_UDP: u16 = 17;
+
+/// What a thread's `bind()` asked for, from `bind4/6` (before the kernel
+/// picks a port) until `post_bind4/6` or `sys_exit_bind` reads it.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BindRequest {
+    /// Kernel address of the socket.
+    sk: u64,
+    /// Socket cookie.
+    cookie: u64,
+    /// The port asked for, host order (0: any).
+    port: u16,
+    _pad: [u16; 3],
+    /// The address asked for (IPv4 in the first four bytes).
+    addr: [u8; 16],
+}
+
+#[map(name = "BIND_REQUEST")]
+static BIND_REQUEST: LruHashMap<u64, BindRequest> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn remember_bind_request(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (user_port, protocol, sk_ptr) = unsafe {
+        let a = &*ctx.sock_addr;
+        (a.user_port, a.protocol, a.__bindgen_anon_1.sk)
+    };
+    if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
+        return ALLOW;
+    }
+    let request = BindRequest {
+        sk: sk::addr_of(sk_ptr),
+        // SAFETY: the context is a socket address context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        port: u16::from_be(user_port as u16),
+        _pad: [0; 3],
+        addr: [0; 16],
+    };
+    let mut request = request;
+    // The verifier lets bind4 read only user_ip4, and bind6 only user_ip6.
+    // SAFETY: as above.
+    if v6 {
+        let ip6 = unsafe { (*ctx.sock_addr).user_ip6 };
+        for (i, word) in ip6.iter().enumerate() {
+            request.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    } else {
+        let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
+        request.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+    }
+    let _ = BIND_REQUEST.insert(bpf_get_current_pid_tgid(), request, 0);
+    ALLOW
+}
+
+/// `__inet_bind()` before `get_port`: remember the requested port.
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    remember_bind_request(&ctx, false)
+}
+
+/// `__inet6_bind()` before `get_port`: remember the requested port.
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    remember_bind_request(&ctx, true)
+}
+
+#[inline(always)]
+fn report_bind(ctx: &SockContext) -> i32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return ALLOW;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: map value read by copy.
+    let requested = unsafe { BIND_REQUEST.get(pid_tgid) }.map_or(0, |r| r.port);
+    let _ = BIND_REQUEST.remove(pid_tgid);
+    let sk = sk::addr_of(ctx.sock);
+    let protocol = sk::protocol(&cfg, sk);
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return ALLOW; // raw and ping sockets bind too
+    }
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return ALLOW;
+    }
+    let Some(mut event) = emit::start(kind::BIND, true) else {
+        return ALLOW;
+    };
+    let ev = event.fields();
+    // SAFETY: the context is the socket.
+    ev.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.req_port = requested;
+    let cookie = ev.cookie;
+    event.submit();
+    if protocol == IPPROTO_UDP {
+        udp::mark_reported(cookie);
+    }
+    ALLOW
+}
+
+/// `__inet_bind()` after `get_port` succeeded: the socket holds `skc_num`.
+#[cgroup_sock(post_bind4)]
+pub fn post_bind4(ctx: SockContext) -> i32 {
+    report_bind(&ctx)
+}
+
+/// `__inet6_bind()` after `get_port` succeeded.
+#[cgroup_sock(post_bind6)]
+pub fn post_bind6(ctx: SockContext) -> i32 {
+    report_bind(&ctx)
+}
+
+/// Offset of `ret` in the `syscalls:sys_exit_*` record.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+const EADDRINUSE: i32 = 98;
+
+/// `bind()` returns: a bind that failed because the port is taken (or, for
+/// port 0, because the range is exhausted) is an allocation failure.
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn sys_exit_bind(ctx: TracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: map value read by copy.
+    let Some(request) = (unsafe { BIND_REQUEST.get(pid_tgid) }).copied() else {
+        return 0; // not a TCP/UDP bind, or post_bind consumed it (success)
+    };
+    let _ = BIND_REQUEST.remove(pid_tgid);
+    // SAFETY: the record layout is fixed by the syscall tracepoint format.
+    let ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) }.unwrap_or(0) as i32;
+    if ret != -EADDRINUSE {
+        return 0;
+    }
+    let cfg = sk::config();
+    let netns = sk::netns_of(&cfg, request.sk);
+    if cfg.abi_version == 0 || sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::BIND_FAILED, true) else {
+        return 0;
+    };
+    let ev = event.fields();
+    ev.cookie = request.cookie;
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, request.sk, ev);
+    ev.lport = request.port;
+    ev.laddr = request.addr;
+    ev.req_port = request.port;
+    ev.ret = ret;
+    event.submit();
+    0
+}

@@ -1,0 +1,119 @@
+//! UDP ports outside `bind()` and `connect()`: the implicit bind on the
+//! first unconnected send, and the release on close. cgroup hooks on the
+//! cgroup v2 root: cheap, and always allow the call (return 1).
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr, map},
+    maps::LruHashMap,
+    programs::{SockAddrContext, SockContext},
+    EbpfContext,
+};
+use port_trace_common::kind;
+
+use crate::{emit, sk};
+
+const ALLOW: i32 = 1;
+const IPPROTO_UDP: u16 = 17;
+
+/// UDP sockets whose port was reported (by bind, connect or a first send),
+/// by cookie: a send on them is not news. Forgotten at release.
+#[map(name = "UDP_REPORTED")]
+static UDP_REPORTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Notes that this UDP socket's port was reported.
+#[inline(always)]
+pub fn mark_reported(cookie: u64) {
+    let _ = UDP_REPORTED.insert(cookie, 1, 0);
+}
+
+#[inline(always)]
+fn first_send(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (protocol, sk_ptr) = unsafe {
+        let a = &*ctx.sock_addr;
+        (a.protocol, a.__bindgen_anon_1.sk)
+    };
+    if protocol != IPPROTO_UDP as u32 {
+        return ALLOW;
+    }
+    // SAFETY: the context is a socket address context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: lookup only.
+    if unsafe { UDP_REPORTED.get(cookie) }.is_some() {
+        return ALLOW; // the common case: a socket that sent before
+    }
+    mark_reported(cookie);
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return ALLOW;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return ALLOW;
+    }
+    let Some(mut event) = emit::start(kind::UDP_FIRST_SEND, true) else {
+        return ALLOW;
+    };
+    let ev = event.fields();
+    ev.cookie = cookie;
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    // An unconnected send has no fixed peer.
+    ev.rport = 0;
+    ev.raddr = [0; 16];
+    event.submit();
+    ALLOW
+}
+
+/// `udp_sendmsg()` with a destination, after `inet_send_prepare` autobound
+/// the socket: the first such send of a socket never bound nor connected is
+/// where its port was allocated.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    first_send(&ctx)
+}
+
+/// The same for `udpv6_sendmsg()`.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    first_send(&ctx)
+}
+
+/// `inet_release()`: the last reference to a socket is closed. For UDP this
+/// is where the port goes back (`sk_common_release` → `udp_lib_unhash`).
+/// TCP ports are followed through the state tracepoints instead, because a
+/// closed TCP socket may keep its port in FIN_WAIT or TIME_WAIT.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return ALLOW;
+    }
+    let sk = sk::addr_of(ctx.sock);
+    if sk::protocol(&cfg, sk) != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let held = sk::local_port_held(&cfg, sk);
+    if held == 0 {
+        return ALLOW;
+    }
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return ALLOW;
+    }
+    let Some(mut event) = emit::start(kind::UDP_RELEASE, true) else {
+        return ALLOW;
+    };
+    let ev = event.fields();
+    // SAFETY: the context is the socket.
+    ev.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.req_port = held;
+    let cookie = ev.cookie;
+    event.submit();
+    let _ = UDP_REPORTED.remove(cookie);
+    ALLOW
+}
