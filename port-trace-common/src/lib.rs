@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
@@ -49,6 +49,12 @@ pub mod kind {
     /// cgroup `sendmsg4/6`: the first unconnected send of a UDP socket whose
     /// port was not reported before (the kernel autobound it for the send).
     pub const UDP_FIRST_SEND: u16 = 11;
+    /// `iter/tcp`, `iter/udp`: a socket found by a walk of a namespace's
+    /// sockets; `old_state` is its state, `cgroup_id` the walk's session id.
+    pub const SNAPSHOT: u16 = 12;
+    /// The end of a walk (`cgroup_id` = session id, `protocol` = what was
+    /// walked).
+    pub const WALK_END: u16 = 13;
 }
 
 /// Bits of [`RawEvent::flags`].
@@ -117,8 +123,9 @@ pub struct RawEvent {
     /// The current task's syscall number (`orig_ax` on x86_64), -1 when
     /// unknown (cgroup hooks, softirq).
     pub syscall_nr: i32,
-    /// Unused; keeps the struct free of padding.
-    pub reserved: u32,
+    /// [`kind::SNAPSHOT`]: the socket's inode (as in `/proc/PID/fd`), 0 for
+    /// TIME_WAIT sockets, which have none.
+    pub inode: u32,
     /// Kernel address of the socket (`struct sock` or, for
     /// [`kind::TIME_WAIT_END`], the TIME_WAIT socket). The kprobe backend,
     /// which cannot ask for cookies, joins events by it.
@@ -169,6 +176,14 @@ pub struct KernelOffsets {
     /// The syscall number in `struct pt_regs` (`orig_ax` on x86_64,
     /// `syscallno` on arm64).
     pub pt_regs_syscall: u32,
+    /// `sock.sk_socket`
+    pub sk_socket: u32,
+    /// `socket.file`
+    pub socket_file: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
 }
 
 /// Read-only configuration the loader writes into the programs' `CONFIG`
@@ -194,8 +209,8 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 128);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 72);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 88);
 
 #[cfg(feature = "user")]
 mod user {

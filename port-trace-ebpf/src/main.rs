@@ -9,6 +9,7 @@
 mod bind;
 mod connect;
 mod emit;
+mod iter;
 mod kprobes;
 mod port_fns;
 mod precise;

@@ -26,6 +26,10 @@ static CONFIG: KernelConfig = KernelConfig {
         skc_state: 0,
         tw_tb: 0,
         pt_regs_syscall: 0,
+        sk_socket: 0,
+        socket_file: 0,
+        file_inode: 0,
+        inode_ino: 0,
     },
 };
 
@@ -155,4 +159,24 @@ pub fn set_cookie(ev: &mut RawEvent, how: Cookie, sk_ptr: *mut core::ffi::c_void
     if let Cookie::Stored = how {
         ev.flags |= port_trace_common::flags::STORED_COOKIE;
     }
+}
+
+/// The inode of a full socket's `struct socket` (what `/proc/PID/fd` links
+/// name), 0 when it has none.
+#[inline(always)]
+pub fn inode_of(cfg: &KernelConfig, sk: u64) -> u32 {
+    let o = &cfg.offsets;
+    let socket: u64 = read(sk, o.sk_socket);
+    if socket == 0 {
+        return 0;
+    }
+    let file: u64 = read(socket, o.socket_file);
+    if file == 0 {
+        return 0;
+    }
+    let inode: u64 = read(file, o.file_inode);
+    if inode == 0 {
+        return 0;
+    }
+    read::<u64>(inode, o.inode_ino) as u32
 }

@@ -122,6 +122,11 @@ pub struct TraceArgs {
     /// Which hooks to use.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendArg,
+    /// How often to look for TIME_WAIT sockets that ended, where no hook
+    /// reports it (the portable backend): their release is reported within
+    /// this much of the kernel freeing the port.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    pub walk_interval: Duration,
     /// Ring buffer size in KiB (a power of two); a larger one loses fewer
     /// events in bursts.
     #[arg(long, value_name = "KIB", default_value = "4096", value_parser = ring_kib)]

@@ -120,6 +120,20 @@ pub enum Happening {
     /// The first unconnected send of a UDP socket not reported before: the
     /// kernel autobound it for the send.
     UdpFirstSend,
+    /// A socket found by a walk of a namespace's sockets.
+    Snapshot {
+        /// The walk.
+        session: u64,
+        /// Its state (TCP; for UDP, ESTABLISHED when connected).
+        state: Option<TcpState>,
+        /// Its inode, 0 for TIME_WAIT sockets.
+        inode: u32,
+    },
+    /// A walk ended.
+    WalkEnd {
+        /// The walk.
+        session: u64,
+    },
 }
 
 /// One decoded event.
@@ -194,6 +208,12 @@ impl TryFrom<&RawEvent> for KernelEvent {
             kind::TIME_WAIT_END => Happening::TimeWaitEnd,
             kind::BIND_FAILED => Happening::BindFailed { ret: raw.ret },
             kind::UDP_FIRST_SEND => Happening::UdpFirstSend,
+            kind::SNAPSHOT => Happening::Snapshot {
+                session: raw.cgroup_id,
+                state: TcpState::from_kernel(raw.old_state),
+                inode: raw.inode,
+            },
+            kind::WALK_END => Happening::WalkEnd { session: raw.cgroup_id },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         // Old → CLOSE transitions out of CLOSE run in the caller's context too.

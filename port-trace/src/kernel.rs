@@ -8,8 +8,8 @@ use std::io;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{
-    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, ProgramError, RawTracePoint,
-    TracePoint,
+    BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, Iter, KProbe, ProgramError,
+    RawTracePoint, TracePoint,
 };
 use aya::{Btf, Ebpf, EbpfLoader};
 use port_trace_common::{KernelConfig, ABI_VERSION, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP};
@@ -41,6 +41,8 @@ enum Attach {
     KProbe(&'static [&'static str]),
     /// kretprobe on the first of these functions the kernel has.
     KRetProbe(&'static [&'static str]),
+    /// A BPF iterator (`iter/NAME`): loaded here, run by [`Backend::walk`].
+    Iter(&'static str),
 }
 
 impl Attach {
@@ -55,6 +57,7 @@ impl Attach {
             Attach::FExit(_) => "fexit",
             Attach::KProbe(_) => "kprobe",
             Attach::KRetProbe(_) => "kretprobe",
+            Attach::Iter(_) => "iter",
         }
     }
 }
@@ -258,6 +261,23 @@ const KPROBE_HOOKS: &[Hook] = &[
         name: "kprobe/tcp_twsk_destructor",
         ways: &[way("kprobe_tcp_twsk_destructor", Attach::KProbe(&["tcp_twsk_destructor"]))],
         purpose: "end of TIME_WAIT (backstop)",
+        essential: false,
+    },
+];
+
+/// Socket walks, for every backend: the snapshot at start, TIME_WAIT ends
+/// on the portable backend, repair after lost events.
+const WALK_HOOKS: &[Hook] = &[
+    Hook {
+        name: "iter/tcp",
+        ways: &[way("iter_tcp", Attach::Iter("tcp"))],
+        purpose: "TCP sockets that existed before tracing; TIME_WAIT ends (portable); repair after loss",
+        essential: false,
+    },
+    Hook {
+        name: "iter/udp",
+        ways: &[way("iter_udp", Attach::Iter("udp"))],
+        purpose: "UDP sockets that existed before tracing; repair after loss",
         essential: false,
     },
 ];
@@ -479,6 +499,10 @@ fn attach_way(
             }
             p.attach(function, 0).map_err(err)?;
         }
+        Attach::Iter(target) => {
+            let p: &mut Iter = program.try_into().map_err(err)?;
+            p.load(target, btf).map_err(err)?;
+        }
         Attach::CgroupSockAddr | Attach::CgroupSock => {
             let Some(cgroup) = cgroup else {
                 return Err("no cgroup v2 hierarchy is mounted".into());
@@ -667,10 +691,60 @@ pub fn load(config: &KernelConfig, options: &LoadOptions, choice: Choice) -> Res
         anyhow::bail!("the kernel refused hooks port-trace cannot work without: {}", refused_essential.join("; "));
     }
     reports.extend(portable_reports);
+    reports.extend(attach(&mut ebpf, WALK_HOOKS, "walk"));
     Ok(Backend { ebpf, hooks: reports.into_iter().map(|(r, _)| r).collect(), name, keying_by_address })
 }
 
 impl Backend {
+    /// Whether the walks of `proto` sockets can run.
+    pub fn can_walk(&self, proto: crate::model::Proto) -> bool {
+        let hook = match proto {
+            crate::model::Proto::Tcp => "iter/tcp",
+            crate::model::Proto::Udp => "iter/udp",
+        };
+        self.hooks.iter().any(|h| h.hook == hook && h.status.starts_with("attached"))
+    }
+
+    /// Walks the `proto` sockets of one network namespace (`netns`, a path
+    /// to enter; the current one when `None`): the iterator program runs for
+    /// each socket and writes SNAPSHOT events, then a WALK_END, into the ring
+    /// buffer. The iterator takes the namespace of the thread that creates
+    /// it, so this thread enters `netns` for that moment and comes back.
+    pub fn walk(&mut self, proto: crate::model::Proto, netns: Option<&std::path::Path>) -> Result<()> {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let name = match proto {
+            crate::model::Proto::Tcp => "iter_tcp",
+            crate::model::Proto::Udp => "iter_udp",
+        };
+        let program: &mut Iter =
+            self.ebpf.program_mut(name).context("iterator program missing")?.try_into().context("not an iterator")?;
+        let link_id = program.attach().context("attaching the socket iterator")?;
+        let link = program.take_link(link_id).context("taking the iterator link")?;
+        let own = File::open("/proc/thread-self/ns/net").context("opening this thread's network namespace")?;
+        let target = netns.map(File::open).transpose().context("opening the namespace to walk")?;
+        let setns = |ns: &File| -> Result<()> {
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                anyhow::bail!("setns: {}", io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if let Some(target) = &target {
+            setns(target)?;
+        }
+        let file = link.into_file();
+        if target.is_some() {
+            setns(&own)?;
+        }
+        let mut file = file.context("creating the socket iterator")?;
+        // The program writes into the ring buffer; the iterator's own output
+        // is empty. Reading runs the walk to its end.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink).context("walking the sockets")?;
+        Ok(())
+    }
+
     /// The ring buffer of events.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?;
@@ -720,7 +794,9 @@ pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
 
     let kernel_btf = crate::btf::Btf::from_sys_fs().ok();
     let cgroup = system::cgroup2_root().and_then(|root| File::open(root).ok());
-    for (backend, hooks) in [("precise", PRECISE_HOOKS), ("kprobe", KPROBE_HOOKS), ("portable", PORTABLE_HOOKS)] {
+    for (backend, hooks) in
+        [("precise", PRECISE_HOOKS), ("kprobe", KPROBE_HOOKS), ("portable", PORTABLE_HOOKS), ("walk", WALK_HOOKS)]
+    {
         for hook in hooks {
             for way in hook.ways {
                 // A fresh object per mechanism, so each is tried on its own.

@@ -4,9 +4,10 @@
 use std::fmt;
 
 /// Transport protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     /// TCP (`IPPROTO_TCP`).
+    #[default]
     Tcp,
     /// UDP (`IPPROTO_UDP`).
     Udp,
@@ -148,6 +149,9 @@ pub enum ReleaseReason {
     Disconnect,
     /// The connect that allocated the port failed (refused, timed out, ...).
     ConnectFailed,
+    /// The release itself was not seen (lost events): a walk of the
+    /// namespace's sockets no longer found the socket.
+    Reconciled,
 }
 
 impl ReleaseReason {
@@ -158,6 +162,7 @@ impl ReleaseReason {
             ReleaseReason::TimeWaitEnd => "time_wait_end",
             ReleaseReason::Disconnect => "disconnect",
             ReleaseReason::ConnectFailed => "connect_failed",
+            ReleaseReason::Reconciled => "reconciled",
         }
     }
 }

@@ -47,6 +47,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
             skc_state: field(btf, "sock_common.skc_state", 1)?,
             tw_tb: field(btf, "inet_timewait_sock.tw_tb", 8)?,
             pt_regs_syscall: syscall_nr_offset(btf)?,
+            sk_socket: field(btf, "sock.sk_socket", 8)?,
+            socket_file: field(btf, "socket.file", 8)?,
+            file_inode: field(btf, "file.f_inode", 8)?,
+            inode_ino: field(btf, "inode.i_ino", 8)?,
         })
     };
     get().context("this kernel's socket structures are not what port-trace knows how to read")

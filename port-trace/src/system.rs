@@ -167,6 +167,50 @@ fn mount_private_tracefs() -> Result<bool> {
     Ok(true)
 }
 
+/// Every network namespace this process can enter, by inode: the named
+/// ones (`/run/netns/*`) and those of running processes (`/proc/*/ns/net`).
+pub fn netns_paths() -> std::collections::HashMap<u32, PathBuf> {
+    let mut paths = std::collections::HashMap::new();
+    let named = fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let of_processes = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .map(|e| e.path().join("ns/net"));
+    for path in named.chain(of_processes) {
+        if let Ok(inode) = fs::metadata(&path).map(|m| m.ino()) {
+            if let Ok(inode) = u32::try_from(inode) {
+                paths.entry(inode).or_insert(path);
+            }
+        }
+    }
+    paths
+}
+
+/// Which process holds each socket, by socket inode, from the
+/// `socket:[INODE]` links in `/proc/*/fd` (what `ss -p` does).
+pub fn socket_owners() -> std::collections::HashMap<u32, crate::decode::Task> {
+    let mut owners = std::collections::HashMap::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Ok(pid) = name.to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
+        let mut comm = None;
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            let target = target.to_string_lossy();
+            let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) else { continue };
+            let Ok(inode) = inode.parse::<u32>() else { continue };
+            let comm = comm.get_or_insert_with(|| {
+                fs::read_to_string(entry.path().join("comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
+            });
+            owners.entry(inode).or_insert_with(|| crate::decode::Task { pid, tid: pid, comm: comm.clone(), cgroup: 0 });
+        }
+    }
+    owners
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +230,17 @@ mod tests {
         assert!(resolve_netns("/nonexistent/ns").is_err());
         assert!(resolve_netns("/etc/hostname").is_err());
         assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+    }
+
+    #[test]
+    fn finds_own_namespace_and_sockets() {
+        let own = own_netns().unwrap();
+        assert!(netns_paths().contains_key(&own));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        use std::os::fd::AsRawFd;
+        let link = fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).unwrap();
+        let inode: u32 = link.to_string_lossy().trim_start_matches("socket:[").trim_end_matches(']').parse().unwrap();
+        let owner = socket_owners().remove(&inode).expect("our socket");
+        assert_eq!(owner.pid, std::process::id());
     }
 }

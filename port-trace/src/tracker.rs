@@ -22,7 +22,7 @@
 //! * Accepted children share their listener's port (`__inet_inherit_port`):
 //!   they are not allocations, and their events are ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::decode::{Endpoints, Happening, KernelEvent, Task};
 use crate::model::{Origin, Proto, ReleaseReason, TcpState};
@@ -52,6 +52,8 @@ struct Tracked {
     ephemeral: bool,
     /// A state change seen while awaiting the port, reported after the alloc.
     deferred_state: Option<(u64, TcpState, TcpState)>,
+    /// When a TIME_WAIT socket took the port over.
+    time_wait_since_ns: u64,
 }
 
 /// Counters of what the tracker saw but could not pair, for the summary.
@@ -64,6 +66,43 @@ pub struct TrackerStats {
     pub unpaired_releases: u64,
     /// An allocation for a socket that already held a port.
     pub duplicate_allocs: u64,
+    /// Ports released because a walk no longer found their socket although
+    /// no release was seen (lost events).
+    pub reconciled: u64,
+}
+
+/// A walk of one namespace's sockets, as announced to [`Tracker::begin_walk`].
+#[derive(Clone, Debug, Default)]
+pub struct WalkStart {
+    /// The namespace walked.
+    pub netns: u32,
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// CLOCK_BOOTTIME before the walk began.
+    pub started_ns: u64,
+    /// Socket inode → owning process.
+    pub owners: HashMap<u32, Task>,
+    /// The namespace's `ip_local_port_range`.
+    pub ephemeral_range: [u16; 2],
+    /// Report the sockets the tracker does not know as `snapshot` allocs
+    /// (the first walk). Later walks only look for what ended: a socket
+    /// unknown then is an accepted child or its TIME_WAIT, not a port of its
+    /// own.
+    pub adopt_unknown: bool,
+}
+
+struct Walk {
+    start: WalkStart,
+    session: Option<u64>,
+    seen: HashSet<u64>,
+    found: Vec<Found>,
+}
+
+/// A socket a walk found that the tracker did not know.
+struct Found {
+    ev: KernelEvent,
+    state: Option<TcpState>,
+    inode: u32,
 }
 
 /// What joins the events of one socket.
@@ -92,6 +131,8 @@ pub struct Tracker {
     keying: Keying,
     /// Address keying: TIME_WAIT socket key → its parent's key.
     time_wait_parent: HashMap<u64, u64>,
+    /// The walk in progress.
+    walk: Option<Walk>,
 }
 
 fn unknown_owner() -> Task {
@@ -210,6 +251,144 @@ impl Tracker {
             Happening::TimeWaitEnd => self.on_time_wait_end(ev, out),
             Happening::BindFailed { ret } => self.on_bind_failed(ev, *ret, out),
             Happening::UdpFirstSend => self.on_udp_first_send(ev, out),
+            Happening::Snapshot { session, state, inode } => self.on_snapshot(ev, *session, *state, *inode, out),
+            Happening::WalkEnd { session } => self.on_walk_end(ev, *session, out),
+        }
+    }
+
+    /// Announces a walk of one namespace's sockets of `proto`, starting now
+    /// (`started_ns`, CLOCK_BOOTTIME, taken before the walk begins). Its
+    /// SNAPSHOT and WALK_END events follow. `owners` maps socket inodes to
+    /// their processes (from `/proc/*/fd`); `ephemeral_range` is the
+    /// namespace's.
+    pub fn begin_walk(&mut self, walk: WalkStart) {
+        self.walk = Some(Walk { start: walk, session: None, seen: HashSet::new(), found: Vec::new() });
+    }
+
+    /// Ports held by sockets of `netns` in TIME_WAIT (for deciding which
+    /// namespaces to walk).
+    pub fn time_wait_namespaces(&self) -> Vec<u32> {
+        let mut ns: Vec<u32> = self.sockets.values().filter(|t| t.phase == Phase::TimeWait).map(|t| t.netns).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        ns
+    }
+
+    /// Namespaces with sockets the tracker follows.
+    pub fn namespaces(&self) -> Vec<u32> {
+        let mut ns: Vec<u32> = self.sockets.values().map(|t| t.netns).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        ns
+    }
+
+    fn on_snapshot(
+        &mut self,
+        ev: &KernelEvent,
+        session: u64,
+        state: Option<TcpState>,
+        inode: u32,
+        out: &mut Vec<PortRecord>,
+    ) {
+        let Some(walk) = self.walk.as_mut() else { return };
+        if walk.session.is_some_and(|s| s != session) {
+            return;
+        }
+        walk.session = Some(session);
+        walk.seen.insert(ev.cookie);
+        match self.sockets.get(&ev.cookie).map(|t| t.phase) {
+            Some(Phase::Awaiting(_)) if ev.endpoints.lport != 0 => self.materialize(ev.cookie, &ev.endpoints, out),
+            Some(Phase::Held) if state == Some(TcpState::TimeWait) => {
+                // The hand-off was not seen (lost, or a reset heuristic).
+                if let Some(tracked) = self.sockets.get_mut(&ev.cookie) {
+                    tracked.phase = Phase::TimeWait;
+                    tracked.time_wait_since_ns = ev.ts_ns;
+                }
+            }
+            Some(_) => {}
+            None => walk.found.push(Found { ev: ev.clone(), state, inode }),
+        }
+    }
+
+    fn on_walk_end(&mut self, ev: &KernelEvent, session: u64, out: &mut Vec<PortRecord>) {
+        let Some(walk) = self.walk.take() else { return };
+        if walk.session.is_some_and(|s| s != session) {
+            self.walk = Some(walk);
+            return;
+        }
+        let start = &walk.start;
+        // Sockets we did not know: ports held since before we started (or
+        // whose allocation was lost). Accepted children share a listener's
+        // port and are not allocations.
+        let listening: HashSet<u16> = walk
+            .found
+            .iter()
+            .filter(|f| f.state == Some(TcpState::Listen))
+            .map(|f| f.ev.endpoints.lport)
+            .chain(
+                self.sockets
+                    .values()
+                    .filter(|t| {
+                        t.netns == start.netns && t.endpoints.proto == Proto::Tcp && t.endpoints.raddr.is_none()
+                    })
+                    .map(|t| t.endpoints.lport),
+            )
+            .collect();
+        for found in walk.found.iter().filter(|_| start.adopt_unknown) {
+            let e = &found.ev;
+            if e.endpoints.lport == 0 {
+                continue;
+            }
+            let tcp = e.endpoints.proto == Proto::Tcp;
+            let listener = found.state == Some(TcpState::Listen);
+            if tcp && !listener && listening.contains(&e.endpoints.lport) {
+                continue; // an accepted child (or its TIME_WAIT)
+            }
+            let [lo, hi] = start.ephemeral_range;
+            let connected = e.endpoints.raddr.is_some();
+            let owner = start.owners.get(&found.inode).cloned().unwrap_or_else(unknown_owner);
+            let tracked = Tracked {
+                phase: if found.state == Some(TcpState::TimeWait) && tcp { Phase::TimeWait } else { Phase::Held },
+                owner,
+                netns: e.netns,
+                endpoints: e.endpoints.clone(),
+                alloc_ts_ns: e.ts_ns,
+                origin: Origin::Snapshot,
+                // Estimated: a connected socket on a port of the ephemeral
+                // range most likely had it chosen by the kernel.
+                ephemeral: connected && (lo..=hi).contains(&e.endpoints.lport),
+                deferred_state: None,
+                time_wait_since_ns: e.ts_ns,
+            };
+            self.alloc(e, tracked, out);
+        }
+        // Sockets we follow that the walk no longer found: their release
+        // was not seen (lost events), or, for TIME_WAIT on the portable
+        // backend, it ended between two walks.
+        let gone: Vec<u64> = self
+            .sockets
+            .iter()
+            .filter(|(cookie, t)| {
+                t.netns == start.netns
+                    && t.endpoints.proto == start.proto
+                    && !walk.seen.contains(cookie)
+                    && match t.phase {
+                        Phase::Held => t.alloc_ts_ns < start.started_ns,
+                        Phase::TimeWait => t.time_wait_since_ns < start.started_ns,
+                        Phase::Awaiting(_) => false,
+                    }
+            })
+            .map(|(cookie, _)| *cookie)
+            .collect();
+        for cookie in gone {
+            let reason = match self.sockets.get(&cookie).map(|t| t.phase) {
+                Some(Phase::TimeWait) => ReleaseReason::TimeWaitEnd,
+                _ => {
+                    self.stats.reconciled += 1;
+                    ReleaseReason::Reconciled
+                }
+            };
+            self.release(cookie, ev.ts_ns, reason, out);
         }
     }
 
@@ -224,6 +403,7 @@ impl Tracker {
             origin: Origin::Bind,
             ephemeral: ev.endpoints.lport == 0,
             deferred_state: None,
+            time_wait_since_ns: 0,
         }
         .port_ref(ev.cookie);
         out.push(PortRecord {
@@ -248,6 +428,7 @@ impl Tracker {
             origin: Origin::Autobind,
             ephemeral: true,
             deferred_state: None,
+            time_wait_since_ns: 0,
         };
         self.alloc(ev, tracked, out);
     }
@@ -289,6 +470,7 @@ impl Tracker {
                 origin,
                 ephemeral: requested_port == 0,
                 deferred_state: None,
+                time_wait_since_ns: 0,
             }
             .port_ref(ev.cookie);
             port.lport = requested_port;
@@ -315,6 +497,7 @@ impl Tracker {
                     origin,
                     ephemeral: requested_port == 0,
                     deferred_state: None,
+                    time_wait_since_ns: 0,
                 };
                 self.alloc(ev, tracked, out);
             }
@@ -347,6 +530,7 @@ impl Tracker {
             return;
         }
         tracked.phase = Phase::TimeWait;
+        tracked.time_wait_since_ns = ev.ts_ns;
         let old = state.unwrap_or(TcpState::FinWait2);
         out.push(PortRecord {
             ts_ns: ev.ts_ns,
@@ -399,7 +583,9 @@ impl Tracker {
             port: tracked.port_ref(cookie),
             body: RecordBody::Release {
                 reason,
-                held_ns: Some(ts_ns.saturating_sub(tracked.alloc_ts_ns)),
+                // A snapshot is not the allocation: how long it was held is
+                // not known.
+                held_ns: (tracked.origin != Origin::Snapshot).then(|| ts_ns.saturating_sub(tracked.alloc_ts_ns)),
                 origin: Some(tracked.origin),
                 alloc_ts_ns: Some(tracked.alloc_ts_ns),
             },
@@ -437,6 +623,7 @@ impl Tracker {
                             origin,
                             ephemeral: true,
                             deferred_state: Some((ev.ts_ns, old, new)),
+                            time_wait_since_ns: 0,
                         },
                     );
                 }
@@ -472,6 +659,8 @@ impl Tracker {
         }
         if closes_into_time_wait(old, sk_err) {
             tracked.phase = Phase::TimeWait;
+            tracked.time_wait_since_ns = ev.ts_ns;
+            tracked.time_wait_since_ns = ev.ts_ns;
             out.push(PortRecord {
                 ts_ns: ev.ts_ns,
                 port: tracked.port_ref(cookie),
@@ -517,6 +706,7 @@ impl Tracker {
             origin: Origin::Bind,
             ephemeral: requested_port == 0,
             deferred_state: None,
+            time_wait_since_ns: 0,
         };
         self.alloc(ev, tracked, out);
     }
@@ -554,6 +744,7 @@ impl Tracker {
                 origin: Origin::Connect,
                 ephemeral: true,
                 deferred_state: None,
+                time_wait_since_ns: 0,
             };
             self.alloc(ev, tracked, out);
             return;
@@ -570,6 +761,7 @@ impl Tracker {
                 origin: Origin::Connect,
                 ephemeral: true,
                 deferred_state: None,
+                time_wait_since_ns: 0,
             }
             .port_ref(cookie);
             port.lport = 0;

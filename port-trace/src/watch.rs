@@ -19,8 +19,9 @@ use crate::output::{summary_text, Counts, Format, Header, Output, Summary};
 use crate::pipeline::Pipeline;
 use crate::privileges;
 use crate::system;
-use crate::tracker::Keying;
+use crate::tracker::{Keying, WalkStart};
 use crate::UsageError;
+use std::path::PathBuf;
 
 /// The kernel's loss counter, what it said so far, and `lost` records
 /// written.
@@ -141,7 +142,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         choice,
     )?;
     let events = backend.take_events()?;
-    let mut loss = Loss { counter: backend.take_lost()?, events: 0, records: 0 };
+    let loss = Loss { counter: backend.take_lost()?, events: 0, records: 0 };
     let started = BootClock::boot_now_ns();
     let clock = BootClock::now();
 
@@ -163,11 +164,31 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         }
     }
 
-    let mut output = Output::new(writer, format, args.lifecycles, clock);
+    let output = Output::new(writer, format, args.lifecycles, clock);
     let keying = if backend.keying_by_address { Keying::Address { mask: rand_mask() } } else { Keying::Cookie };
-    let mut pipeline = Pipeline::new(filter, keying);
-    let result =
-        trace_loop(&mut output, &header, &mut pipeline, events, &mut loss, args.trace.duration, &mut signals).await;
+    let pipeline = Pipeline::new(filter, keying);
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+    // while the AsyncFd holds it.
+    let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let exact_time_wait_end =
+        backend.hooks.iter().any(|h| h.hook.ends_with("inet_twsk_bind_unhash") && h.status.starts_with("attached"));
+    let scope = match (&args.trace.netns, netns) {
+        (Some(arg), Some(inode)) if arg.parse::<u32>().is_err() => Scope::One(inode, Some(PathBuf::from(arg))),
+        (Some(_), Some(inode)) => Scope::One(inode, None),
+        _ => Scope::All,
+    };
+    let mut live = Live {
+        backend,
+        ring,
+        pipeline,
+        output,
+        loss,
+        scope,
+        time_wait_walks: (!exact_time_wait_end).then_some(args.trace.walk_interval),
+        walk_errors: 0,
+    };
+    let result = live.run(&header, args.trace.duration, &mut signals).await;
+    let Live { backend, pipeline, mut output, loss, .. } = live;
     match result {
         Err(e) if e.downcast_ref::<io::Error>().is_some_and(is_broken_pipe) => return Ok(()),
         Err(e) => return Err(e),
@@ -205,57 +226,157 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn trace_loop(
-    output: &mut Output,
-    header: &Header,
-    pipeline: &mut Pipeline,
-    events: aya::maps::RingBuf<aya::maps::MapData>,
-    loss: &mut Loss,
-    duration: Option<Duration>,
-    signals: &mut Signals,
-) -> Result<()> {
-    output.header(header)?;
-    output.flush()?;
+/// Which network namespaces the run traces.
+enum Scope {
+    /// One (`--netns`), with a path to enter it when given as one.
+    One(u32, Option<PathBuf>),
+    /// Every namespace.
+    All,
+}
 
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
-    // while the AsyncFd holds it.
-    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
-    let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+/// A trace in progress: the loaded backend, its ring buffer, and where its
+/// records go.
+struct Live {
+    backend: kernel::Backend,
+    ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    pipeline: Pipeline,
+    output: Output,
+    loss: Loss,
+    scope: Scope,
+    /// Walk interval for TIME_WAIT ends, when no hook reports them exactly.
+    time_wait_walks: Option<Duration>,
+    walk_errors: u64,
+}
+
+/// How often every followed socket is checked against a walk, to repair
+/// what lost events broke.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+impl Live {
+    /// Feeds whatever the ring buffer holds to the pipeline.
+    fn drain(&mut self) -> Result<()> {
+        let (pipeline, output) = (&mut self.pipeline, &mut self.output);
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            pipeline.feed(&item, |rec| output.record(rec))?;
         }
-    };
-    tokio::pin!(deadline);
+        Ok(())
+    }
 
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    pipeline.feed(&item, |rec| output.record(rec))?;
+    /// Walks the given namespaces' sockets of `protos` (all namespaces the
+    /// scope allows when `which` is `None`). With `adopt_unknown` (the first
+    /// walk), unknown sockets become `snapshot` allocs, attributed through
+    /// `/proc/*/fd` when `owners` is set.
+    fn walk(&mut self, which: Option<&[u32]>, protos: &[Proto], owners: bool, adopt_unknown: bool) -> Result<()> {
+        if protos.iter().all(|p| !self.backend.can_walk(*p)) {
+            return Ok(());
+        }
+        let targets: Vec<(u32, Option<PathBuf>)> = match &self.scope {
+            Scope::One(inode, path) => {
+                if which.is_some_and(|w| !w.contains(inode)) {
+                    return Ok(());
                 }
-                guard.clear_ready();
+                let path = path.clone().or_else(|| system::netns_paths().remove(inode));
+                vec![(*inode, path)]
             }
-            _ = flush_tick.tick() => {
-                loss.report(output)?;
-                output.flush()?;
+            Scope::All => {
+                let paths = system::netns_paths();
+                match which {
+                    Some(which) => which.iter().map(|i| (*i, paths.get(i).cloned())).collect(),
+                    None => paths.into_iter().map(|(i, p)| (i, Some(p))).collect(),
+                }
             }
-            _ = signals.interrupt.recv() => break,
-            _ = signals.terminate.recv() => break,
-            _ = &mut deadline => break,
+        };
+        let owners = if owners { system::socket_owners() } else { Default::default() };
+        for (netns, path) in targets {
+            // A namespace nobody can enter any more is gone, and with it its
+            // sockets (inet_twsk_purge); walking the own namespace needs no
+            // path.
+            let own = system::own_netns() == Some(netns);
+            if path.is_none() && !own {
+                continue;
+            }
+            let ephemeral_range = system::ephemeral_range(path.as_deref().and_then(|p| p.to_str())).unwrap_or([0, 0]);
+            for proto in protos {
+                if !self.backend.can_walk(*proto) {
+                    continue;
+                }
+                self.pipeline.tracker.begin_walk(WalkStart {
+                    netns,
+                    proto: *proto,
+                    started_ns: BootClock::boot_now_ns(),
+                    owners: owners.clone(),
+                    ephemeral_range,
+                    adopt_unknown,
+                });
+                match self.backend.walk(*proto, if own { None } else { path.as_deref() }) {
+                    Ok(()) => self.drain()?,
+                    Err(_) => self.walk_errors += 1,
+                }
+            }
         }
+        Ok(())
     }
-    // What the kernel wrote before we stopped.
-    let ring = ring.get_mut();
-    while let Some(item) = ring.next() {
-        pipeline.feed(&item, |rec| output.record(rec))?;
+
+    async fn run(&mut self, header: &Header, duration: Option<Duration>, signals: &mut Signals) -> Result<()> {
+        self.output.header(header)?;
+        self.output.flush()?;
+        // The programs are attached: what existed before is now the snapshot.
+        self.walk(None, &[Proto::Tcp, Proto::Udp], true, true)?;
+
+        let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut walk_tick = tokio::time::interval(self.time_wait_walks.unwrap_or(RECONCILE_EVERY));
+        walk_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile = tokio::time::Instant::now();
+        let mut lost_at_reconcile = 0;
+        let deadline = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        self.pipeline.feed(&item, |rec| self.output.record(rec))?;
+                    }
+                    guard.clear_ready();
+                }
+                _ = flush_tick.tick() => {
+                    self.loss.report(&mut self.output)?;
+                    self.output.flush()?;
+                }
+                _ = walk_tick.tick() => {
+                    let lost_more = self.loss.events > lost_at_reconcile;
+                    if lost_more || last_reconcile.elapsed() >= RECONCILE_EVERY {
+                        // Repair: every followed socket against the kernel's.
+                        lost_at_reconcile = self.loss.events;
+                        last_reconcile = tokio::time::Instant::now();
+                        let namespaces = self.pipeline.tracker.namespaces();
+                        self.walk(Some(&namespaces), &[Proto::Tcp, Proto::Udp], false, false)?;
+                    } else if self.time_wait_walks.is_some() {
+                        let namespaces = self.pipeline.tracker.time_wait_namespaces();
+                        if !namespaces.is_empty() {
+                            self.walk(Some(&namespaces), &[Proto::Tcp], false, false)?;
+                        }
+                    }
+                }
+                _ = signals.interrupt.recv() => break,
+                _ = signals.terminate.recv() => break,
+                _ = &mut deadline => break,
+            }
+        }
+        // What the kernel wrote before we stopped.
+        self.drain()?;
+        self.loss.report(&mut self.output)?;
+        Ok(())
     }
-    loss.report(output)?;
-    Ok(())
 }
 
 /// A per-run secret that hides kernel addresses in the kprobe backend's
