@@ -1253,4 +1253,76 @@ mod tests {
         assert!(matches!(out[2].body, RecordBody::AllocFail { origin: Origin::Bind, .. }));
         assert_eq!(t.stats().duplicate_allocs, 0);
     }
+
+    fn snapshot(ts: u64, cookie: u64, lport: u16, remote: Option<u16>, state: TcpState, inode: u32) -> KernelEvent {
+        ev(ts, cookie, Proto::Tcp, lport, remote, None, Happening::Snapshot { session: 7, state: Some(state), inode })
+    }
+
+    fn walk_start(started_ns: u64, adopt_unknown: bool) -> WalkStart {
+        let mut owners = HashMap::new();
+        owners.insert(900, Task { pid: 77, tid: 77, comm: "nginx".into(), cgroup: 0 });
+        WalkStart { netns: 1, proto: Proto::Tcp, started_ns, owners, ephemeral_range: [32768, 60999], adopt_unknown }
+    }
+
+    /// The first walk adopts pre-existing sockets, skipping accepted
+    /// children; a later walk that no longer finds them releases them.
+    #[test]
+    fn snapshot_adopts_then_reconciles() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.begin_walk(walk_start(10, true));
+        t.on_event(&snapshot(11, 1, 8080, None, Listen, 900), &mut out);
+        t.on_event(&snapshot(12, 2, 8080, Some(40000), Established, 901), &mut out); // child
+        t.on_event(&snapshot(13, 3, 45000, Some(443), Established, 900), &mut out); // client
+        t.on_event(&snapshot(14, 4, 46000, Some(443), TimeWait, 0), &mut out);
+        t.on_event(&ev(15, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        assert_eq!(kinds(&out), ["alloc snapshot false", "alloc snapshot true", "alloc snapshot true"]);
+        assert_eq!((out[0].port.pid, out[0].port.comm.as_str()), (77, "nginx"));
+        assert_eq!(out[2].port.pid, 0, "TIME_WAIT sockets have no owner");
+        assert_eq!((t.ports_in_use(), t.time_wait_ports()), (3, 1));
+
+        // A second walk finds only the listener: the client was released
+        // unseen (reconciled), the TIME_WAIT ended; held times are unknown.
+        out.clear();
+        t.begin_walk(walk_start(100, false));
+        t.on_event(&snapshot(101, 1, 8080, None, Listen, 900), &mut out);
+        t.on_event(&snapshot(102, 9, 8080, Some(40001), TimeWait, 0), &mut out); // a child's TIME_WAIT
+        t.on_event(&ev(103, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        let mut got = kinds(&out);
+        got.sort();
+        assert_eq!(got, ["release reconciled", "release time_wait_end"]);
+        assert!(out.iter().all(|r| matches!(r.body, RecordBody::Release { held_ns: None, .. })));
+        assert_eq!(t.stats().reconciled, 1);
+        assert_eq!(t.ports_in_use(), 1);
+    }
+
+    /// A walk never releases what began after it started, nor what it saw.
+    #[test]
+    fn walk_spares_newer_and_seen_sockets() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(50, 5, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(51, 5, Proto::Tcp, 41000, Some(80), None, state(SynSent, Established, 41000, 0)), &mut out);
+        t.on_event(&ev(60, 6, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(61, 6, Proto::Tcp, 41002, Some(80), None, state(SynSent, Established, 41002, 0)), &mut out);
+        out.clear();
+        t.begin_walk(walk_start(55, false));
+        t.on_event(&snapshot(70, 5, 41000, Some(80), Established, 1), &mut out);
+        t.on_event(&ev(71, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        assert!(out.is_empty(), "{:?}", kinds(&out));
+        assert_eq!(t.ports_in_use(), 2);
+    }
+
+    /// listen() on an unbound socket: a walk shows its port.
+    #[test]
+    fn walk_materializes_listen_autobind() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 11, Proto::Tcp, 0, None, task(), state(Close, Listen, 0, 0)), &mut out);
+        t.begin_walk(walk_start(5, false));
+        t.on_event(&snapshot(6, 11, 45000, None, Listen, 1), &mut out);
+        t.on_event(&ev(7, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN"]);
+        assert_eq!(out[0].ts_ns, 1, "stamped at listen()");
+    }
 }
