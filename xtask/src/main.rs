@@ -6,11 +6,13 @@
 //! run it first.
 
 mod build;
+mod cpio;
 mod lint;
 mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ enum Command {
     Lint,
     /// Lint, build and run the whole test suite (kernel tests need root).
     Test(test::Options),
+    /// Boot Debian's cloud kernel (6.1) in QEMU and run the kernel tests there, per backend.
+    VmTest(vm::Options),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Run(options) => run::run(&options),
         Command::Lint => lint::run(),
         Command::Test(options) => test::run(&options),
+        Command::VmTest(options) => vm::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
