@@ -141,3 +141,41 @@ pub fn kprobe_inet_twsk_bind_unhash(ctx: ProbeContext) -> u32 {
 pub fn kprobe_tcp_twsk_destructor(ctx: ProbeContext) -> u32 {
     port_fns::time_wait_end(arg(&ctx, 0), false)
 }
+
+#[inline(always)]
+fn remember_socket(ctx: &ProbeContext) -> u32 {
+    port_fns::remember_entry(bpf_get_current_pid_tgid(), arg(ctx, 0), 0);
+    0
+}
+
+#[inline(always)]
+fn report_datagram_connect(ctx: &RetProbeContext) -> u32 {
+    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+        Some(e) => port_fns::datagram_connect(e.sk_ptr as *mut c_void, ctx.ret::<u64>() as i32, Cookie::Stored),
+        None => 0,
+    }
+}
+
+/// `__ip4_datagram_connect` entry.
+#[kprobe]
+pub fn kprobe_ip4_datagram_connect(ctx: ProbeContext) -> u32 {
+    remember_socket(&ctx)
+}
+
+/// `__ip4_datagram_connect` return.
+#[kretprobe]
+pub fn kretprobe_ip4_datagram_connect(ctx: RetProbeContext) -> u32 {
+    report_datagram_connect(&ctx)
+}
+
+/// `__ip6_datagram_connect` entry.
+#[kprobe]
+pub fn kprobe_ip6_datagram_connect(ctx: ProbeContext) -> u32 {
+    remember_socket(&ctx)
+}
+
+/// `__ip6_datagram_connect` return.
+#[kretprobe]
+pub fn kretprobe_ip6_datagram_connect(ctx: RetProbeContext) -> u32 {
+    report_datagram_connect(&ctx)
+}

@@ -230,3 +230,36 @@ pub fn time_wait_end(tw_ptr: *mut c_void, check_bucket: bool) -> u32 {
     event.submit();
     0
 }
+
+/// A datagram `connect()` ended (`__ip4_datagram_connect`,
+/// `__ip6_datagram_connect`): the UDP socket's destination is set now (its
+/// port was autobound just before, by `get_port`). Reported as a CONNECT
+/// whose `req_port` is the port the socket holds.
+#[inline(always)]
+pub fn datagram_connect(sk_ptr: *mut c_void, ret: i32, how: Cookie) -> u32 {
+    let cfg = sk::config();
+    if cfg.abi_version == 0 {
+        return 0;
+    }
+    let sk = sk::addr_of(sk_ptr);
+    if sk::protocol(&cfg, sk) != IPPROTO_UDP {
+        return 0; // ping, raw and L2TP sockets connect through here too
+    }
+    let netns = sk::netns_of(&cfg, sk);
+    if sk::filtered_out(&cfg, netns) {
+        return 0;
+    }
+    let Some(mut event) = emit::start(kind::CONNECT, true) else {
+        return 0;
+    };
+    let ev = event.fields();
+    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    ev.netns = netns;
+    sk::fill_tuple(&cfg, sk, ev);
+    ev.lport = sk::local_port_held(&cfg, sk);
+    ev.req_port = ev.lport;
+    ev.ret = ret;
+    ev.syscall_nr = current_syscall(&cfg);
+    event.submit();
+    0
+}

@@ -102,3 +102,16 @@ pub fn fentry_inet_twsk_bind_unhash(ctx: FEntryContext) -> u32 {
 pub fn fentry_tcp_twsk_destructor(ctx: FEntryContext) -> u32 {
     port_fns::time_wait_end(ctx.arg(0), false)
 }
+
+/// `__ip4_datagram_connect(sk, uaddr, addr_len)`: a UDP `connect()` set its
+/// destination.
+#[fexit(function = "__ip4_datagram_connect")]
+pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
+    port_fns::datagram_connect(ctx.arg(0), ctx.arg::<u64>(3) as i32, Cookie::Helper)
+}
+
+/// `__ip6_datagram_connect(sk, uaddr, addr_len)`.
+#[fexit(function = "__ip6_datagram_connect")]
+pub fn fexit_ip6_datagram_connect(ctx: FExitContext) -> u32 {
+    port_fns::datagram_connect(ctx.arg(0), ctx.arg::<u64>(3) as i32, Cookie::Helper)
+}

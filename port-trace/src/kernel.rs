@@ -133,6 +133,18 @@ const PRECISE_HOOKS: &[Hook] = &[
         essential: false,
     },
     Hook {
+        name: "fexit/__ip4_datagram_connect",
+        ways: &[way("fexit_ip4_datagram_connect", Attach::FExit(&["__ip4_datagram_connect", "ip4_datagram_connect"]))],
+        purpose: "UDP connect(): the destination of an autobound port (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "fexit/__ip6_datagram_connect",
+        ways: &[way("fexit_ip6_datagram_connect", Attach::FExit(&["__ip6_datagram_connect", "ip6_datagram_connect"]))],
+        purpose: "UDP connect(): the destination of an autobound port (IPv6)",
+        essential: false,
+    },
+    Hook {
         name: "fentry/inet_put_port",
         ways: &[way("fentry_inet_put_port", Attach::FEntry(&["inet_put_port"]))],
         purpose: "TCP releases",
@@ -228,6 +240,42 @@ const KPROBE_HOOKS: &[Hook] = &[
         name: "kretprobe/inet6_hash_connect",
         ways: &[way("kretprobe_inet6_hash_connect", Attach::KRetProbe(&["inet6_hash_connect"]))],
         purpose: "TCP connect() ports and EADDRNOTAVAIL (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/__ip4_datagram_connect",
+        ways: &[way(
+            "kprobe_ip4_datagram_connect",
+            Attach::KProbe(&["__ip4_datagram_connect", "ip4_datagram_connect"]),
+        )],
+        purpose: "UDP connect(): the socket (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/__ip4_datagram_connect",
+        ways: &[way(
+            "kretprobe_ip4_datagram_connect",
+            Attach::KRetProbe(&["__ip4_datagram_connect", "ip4_datagram_connect"]),
+        )],
+        purpose: "UDP connect(): the destination of an autobound port (IPv4)",
+        essential: false,
+    },
+    Hook {
+        name: "kprobe/__ip6_datagram_connect",
+        ways: &[way(
+            "kprobe_ip6_datagram_connect",
+            Attach::KProbe(&["__ip6_datagram_connect", "ip6_datagram_connect"]),
+        )],
+        purpose: "UDP connect(): the socket (IPv6)",
+        essential: false,
+    },
+    Hook {
+        name: "kretprobe/__ip6_datagram_connect",
+        ways: &[way(
+            "kretprobe_ip6_datagram_connect",
+            Attach::KRetProbe(&["__ip6_datagram_connect", "ip6_datagram_connect"]),
+        )],
+        purpose: "UDP connect(): the destination of an autobound port (IPv6)",
         essential: false,
     },
     Hook {

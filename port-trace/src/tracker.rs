@@ -54,6 +54,14 @@ struct Tracked {
     deferred_state: Option<(u64, TcpState, TcpState)>,
     /// When a TIME_WAIT socket took the port over.
     time_wait_since_ns: u64,
+    /// `inet_put_port` ran inside `tcp_set_state(CLOSE)` (precise and kprobe
+    /// backends): the release, held back until the move to CLOSE that
+    /// follows it is reported, so that records keep the kernel's order of
+    /// meaning (state, then release).
+    pending_release: Option<(u64, ReleaseReason)>,
+    /// The `sock` reported: the cookie, or with address keying a per-run
+    /// number (addresses are reused by later sockets).
+    sock_id: u64,
 }
 
 /// Counters of what the tracker saw but could not pair, for the summary.
@@ -133,6 +141,8 @@ pub struct Tracker {
     time_wait_parent: HashMap<u64, u64>,
     /// The walk in progress.
     walk: Option<Walk>,
+    /// The last per-run socket number given (address keying).
+    next_sock_id: u64,
 }
 
 fn unknown_owner() -> Task {
@@ -156,7 +166,7 @@ fn is_port_shortage(proto: Proto, errno: i32) -> bool {
 impl Tracked {
     fn port_ref(&self, cookie: u64) -> PortRef {
         PortRef {
-            sock: cookie,
+            sock: if self.sock_id != 0 { self.sock_id } else { cookie },
             netns: self.netns,
             proto: self.endpoints.proto,
             family: self.endpoints.family,
@@ -235,6 +245,23 @@ impl Tracker {
     }
 
     fn dispatch(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        if let Some((ts_ns, reason)) = self.sockets.get(&ev.cookie).and_then(|t| t.pending_release) {
+            let closing = match ev.happening {
+                Happening::TcpState { old, new: TcpState::Close, .. } => Some(old),
+                _ => None,
+            };
+            if let (Some(old), Some(tracked)) = (closing, self.sockets.get(&ev.cookie)) {
+                out.push(PortRecord {
+                    ts_ns: ev.ts_ns,
+                    port: tracked.port_ref(ev.cookie),
+                    body: RecordBody::State { old, new: TcpState::Close },
+                });
+                self.release(ev.cookie, ts_ns, reason, out);
+                return;
+            }
+            // Whatever else came first, the port went back then.
+            self.release(ev.cookie, ts_ns, reason, out);
+        }
         match &ev.happening {
             Happening::TcpState { old, new, port_held, sk_err } => {
                 self.on_tcp_state(ev, *old, *new, *port_held, *sk_err, out)
@@ -359,6 +386,8 @@ impl Tracker {
                 ephemeral: connected && (lo..=hi).contains(&e.endpoints.lport),
                 deferred_state: None,
                 time_wait_since_ns: e.ts_ns,
+                pending_release: None,
+                sock_id: 0,
             };
             self.alloc(e, tracked, out);
         }
@@ -404,6 +433,8 @@ impl Tracker {
             ephemeral: ev.endpoints.lport == 0,
             deferred_state: None,
             time_wait_since_ns: 0,
+            pending_release: None,
+            sock_id: 0,
         }
         .port_ref(ev.cookie);
         out.push(PortRecord {
@@ -429,6 +460,8 @@ impl Tracker {
             ephemeral: true,
             deferred_state: None,
             time_wait_since_ns: 0,
+            pending_release: None,
+            sock_id: 0,
         };
         self.alloc(ev, tracked, out);
     }
@@ -471,6 +504,8 @@ impl Tracker {
                 ephemeral: requested_port == 0,
                 deferred_state: None,
                 time_wait_since_ns: 0,
+                pending_release: None,
+                sock_id: 0,
             }
             .port_ref(ev.cookie);
             port.lport = requested_port;
@@ -485,6 +520,26 @@ impl Tracker {
                 }
                 self.materialize(ev.cookie, &ev.endpoints, out);
             }
+            // UDP connect() autobinds before it sets the addresses: the alloc
+            // waits for the connect's end, which says where to.
+            None if proto == Proto::Udp && origin == Origin::Connect => {
+                self.sockets.insert(
+                    ev.cookie,
+                    Tracked {
+                        phase: Phase::Awaiting(Origin::Connect),
+                        owner,
+                        netns: ev.netns,
+                        endpoints: ev.endpoints.clone(),
+                        alloc_ts_ns: ev.ts_ns,
+                        origin,
+                        ephemeral: requested_port == 0,
+                        deferred_state: None,
+                        time_wait_since_ns: 0,
+                        pending_release: None,
+                        sock_id: 0,
+                    },
+                );
+            }
             // Seen already through another hook (a portable one alongside).
             Some(_) if self.sockets.get(&ev.cookie).is_some_and(|t| t.endpoints.lport == ev.endpoints.lport) => {}
             _ => {
@@ -498,6 +553,8 @@ impl Tracker {
                     ephemeral: requested_port == 0,
                     deferred_state: None,
                     time_wait_since_ns: 0,
+                    pending_release: None,
+                    sock_id: 0,
                 };
                 self.alloc(ev, tracked, out);
             }
@@ -511,7 +568,16 @@ impl Tracker {
             Some(Phase::Held) => {
                 let reason =
                     if state == Some(TcpState::SynSent) { ReleaseReason::ConnectFailed } else { ReleaseReason::Close };
-                self.release(ev.cookie, ev.ts_ns, reason, out);
+                if state.is_some_and(|s| s != TcpState::Close) {
+                    // tcp_set_state(CLOSE) → inet_put_port: the move to CLOSE
+                    // is reported next, by the state tracepoint.
+                    if let Some(tracked) = self.sockets.get_mut(&ev.cookie) {
+                        tracked.pending_release = Some((ev.ts_ns, reason));
+                    }
+                } else {
+                    // tcp_v4_destroy_sock: the socket was closed already.
+                    self.release(ev.cookie, ev.ts_ns, reason, out);
+                }
             }
             Some(Phase::Awaiting(_)) => {
                 self.sockets.remove(&ev.cookie);
@@ -548,10 +614,11 @@ impl Tracker {
         }
     }
 
-    fn alloc(&mut self, ev: &KernelEvent, tracked: Tracked, out: &mut Vec<PortRecord>) {
+    fn alloc(&mut self, ev: &KernelEvent, mut tracked: Tracked, out: &mut Vec<PortRecord>) {
         if self.sockets.contains_key(&ev.cookie) {
             self.stats.duplicate_allocs += 1;
         }
+        self.assign_sock_id(&mut tracked);
         out.push(PortRecord {
             ts_ns: tracked.alloc_ts_ns,
             port: tracked.port_ref(ev.cookie),
@@ -560,9 +627,23 @@ impl Tracker {
         self.sockets.insert(ev.cookie, tracked);
     }
 
+    /// With address keying, numbers each lifecycle: a socket's address is
+    /// reused by later sockets, a reported `sock` must not be.
+    fn assign_sock_id(&mut self, tracked: &mut Tracked) {
+        if let Keying::Address { .. } = self.keying {
+            if tracked.sock_id == 0 {
+                self.next_sock_id += 1;
+                tracked.sock_id = self.next_sock_id;
+            }
+        }
+    }
+
     /// An awaited port became visible: report the alloc and the state change
     /// that was held back.
     fn materialize(&mut self, cookie: u64, seen: &Endpoints, out: &mut Vec<PortRecord>) {
+        let Some(mut tracked) = self.sockets.remove(&cookie) else { return };
+        self.assign_sock_id(&mut tracked);
+        self.sockets.insert(cookie, tracked);
         let Some(tracked) = self.sockets.get_mut(&cookie) else { return };
         tracked.learn(seen);
         tracked.phase = Phase::Held;
@@ -577,6 +658,14 @@ impl Tracker {
     }
 
     fn release(&mut self, cookie: u64, ts_ns: u64, reason: ReleaseReason, out: &mut Vec<PortRecord>) {
+        // A port whose allocation was held back for more detail (UDP connect
+        // on the precise backend) is reported before its release.
+        if let Some(t) = self.sockets.get(&cookie) {
+            if matches!(t.phase, Phase::Awaiting(_)) && t.endpoints.lport != 0 {
+                let seen = t.endpoints.clone();
+                self.materialize(cookie, &seen, out);
+            }
+        }
         let Some(tracked) = self.sockets.remove(&cookie) else { return };
         out.push(PortRecord {
             ts_ns,
@@ -624,6 +713,8 @@ impl Tracker {
                             ephemeral: true,
                             deferred_state: Some((ev.ts_ns, old, new)),
                             time_wait_since_ns: 0,
+                            pending_release: None,
+                            sock_id: 0,
                         },
                     );
                 }
@@ -707,6 +798,8 @@ impl Tracker {
             ephemeral: requested_port == 0,
             deferred_state: None,
             time_wait_since_ns: 0,
+            pending_release: None,
+            sock_id: 0,
         };
         self.alloc(ev, tracked, out);
     }
@@ -745,6 +838,8 @@ impl Tracker {
                 ephemeral: true,
                 deferred_state: None,
                 time_wait_since_ns: 0,
+                pending_release: None,
+                sock_id: 0,
             };
             self.alloc(ev, tracked, out);
             return;
@@ -762,6 +857,8 @@ impl Tracker {
                 ephemeral: true,
                 deferred_state: None,
                 time_wait_since_ns: 0,
+                pending_release: None,
+                sock_id: 0,
             }
             .port_ref(cookie);
             port.lport = 0;
@@ -1146,7 +1243,10 @@ mod tests {
             &mut out,
         );
         t.on_event(&ev(4, 3, Proto::Tcp, 43000, None, None, state(Listen, Close, 0, 0)), &mut out);
-        assert_eq!(kinds(&out), ["alloc bind true", "state CLOSE>LISTEN", "release close"]);
+        // inet_put_port runs inside tcp_set_state(CLOSE), before the state
+        // tracepoint: the release waits for the move to CLOSE.
+        assert_eq!(kinds(&out), ["alloc bind true", "state CLOSE>LISTEN", "state LISTEN>CLOSE", "release close"]);
+        assert_eq!(out[3].ts_ns, 4);
         assert_eq!(t.stats().duplicate_allocs, 0);
     }
 
@@ -1191,12 +1291,14 @@ mod tests {
         t.on_event(&with_syscall(ev(7, 10, Proto::Udp, 0, None, task(), exhausted), libc::SYS_sendto), &mut out);
         let tcp_in_use = Happening::GetPort { requested_port: 80, ret: 1, state: Some(Close) };
         t.on_event(&with_syscall(ev(8, 11, Proto::Tcp, 0, None, task(), tcp_in_use), libc::SYS_bind), &mut out);
+        // The UDP connect's alloc waits for the connect's end (the addresses);
+        // here none came, so the release reports it first.
         assert_eq!(
             kinds(&out),
             [
-                "alloc connect true",
                 "alloc autobind true",
                 "alloc bind false",
+                "alloc connect true",
                 "release disconnect",
                 "release close",
                 "alloc_fail 98",
@@ -1231,8 +1333,14 @@ mod tests {
         tw_end.sk_addr = tw_start.tw_addr;
         t.on_event(&tw_end, &mut out);
         assert_eq!(kinds(&out), ["alloc connect true", "state FIN_WAIT2>TIME_WAIT", "release time_wait_end"]);
-        assert!(out.iter().all(|r| r.port.sock == connect.sk_addr ^ mask));
+        assert!(out.iter().all(|r| r.port.sock == out[0].port.sock));
+        assert_ne!(out[0].port.sock, connect.sk_addr, "addresses are not shown");
         assert_eq!(t.ports_in_use(), 0);
+        // A later socket at the same address is another lifecycle.
+        let mut again = connect.clone();
+        again.ts_ns = 20;
+        t.on_event(&again, &mut out);
+        assert_ne!(out.last().unwrap().port.sock, out[0].port.sock);
     }
 
     /// Portable backend: UDP sendto autobind, a repeated first-send report
