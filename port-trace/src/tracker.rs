@@ -245,6 +245,12 @@ impl Tracker {
     }
 
     fn dispatch(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
+        // A stored cookie of 0 (raw tracepoints, before anything asked for
+        // the socket's cookie) names no socket.
+        if ev.cookie == 0 && !matches!(ev.happening, Happening::WalkEnd { .. }) {
+            self.stats.unknown_socket_events += 1;
+            return;
+        }
         if let Some((ts_ns, reason)) = self.sockets.get(&ev.cookie).and_then(|t| t.pending_release) {
             let closing = match ev.happening {
                 Happening::TcpState { old, new: TcpState::Close, .. } => Some(old),
@@ -1432,5 +1438,17 @@ mod tests {
         t.on_event(&ev(7, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
         assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN"]);
         assert_eq!(out[0].ts_ns, 1, "stamped at listen()");
+    }
+
+    /// Events with cookie 0 (a raw tracepoint before any cookie was
+    /// assigned) are not joined into anything.
+    #[test]
+    fn cookie_zero_names_no_socket() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.on_event(&ev(1, 0, Proto::Tcp, 0, Some(80), task(), state(Close, SynSent, 0, 0)), &mut out);
+        t.on_event(&ev(2, 0, Proto::Tcp, 41000, Some(80), None, state(SynSent, Established, 41000, 0)), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.stats().unknown_socket_events, 2);
     }
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask test`: lint (unless `--no-lint`), build port-trace, then
-//! `cargo test` on the host crates. tracefs is left as the host has it: the
+//! `cargo test` on the host crates, then the VM stage (`cargo xtask
+//! vm-test`, unless `--no-vm`): the kernel tests on a second kernel, once per
+//! backend. tracefs is left as the host has it: the
 //! tracer mounts it privately for itself when it is missing, and the tests
 //! exercise that.
 //!
@@ -13,7 +15,7 @@ use std::process::Command;
 use anyhow::{Context as _, Result};
 use clap::Args;
 
-use crate::{build, lint, setup, util};
+use crate::{build, lint, setup, util, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(Args)]
@@ -21,6 +23,9 @@ pub struct Options {
     /// Skip `cargo xtask lint`.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the VM stage (`cargo xtask vm-test`).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
     #[arg(last = true)]
     args: Vec<String>,
@@ -43,7 +48,11 @@ pub fn run(options: &Options) -> Result<()> {
         eprintln!("test: not root; running the test binaries through `sudo -E` ({runner})");
         cmd.env(runner, "sudo -E");
     }
-    util::run(&mut cmd)
+    util::run(&mut cmd)?;
+    if !options.no_vm {
+        vm::run(&vm::Options::defaults())?;
+    }
+    Ok(())
 }
 
 /// The host target triple of the default toolchain (`host:` of `rustc -vV`).

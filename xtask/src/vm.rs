@@ -108,15 +108,14 @@ impl Backend {
     }
 }
 
-/// The backends tested when no `--backend` is given. Only the portable one
-/// exists so far (the tracer refuses `--backend precise|kprobe` with "not
-/// available in this version"); add precise and kprobe when they land.
-const DEFAULT_BACKENDS: &[&str] = &["portable"];
+/// The backends tested when no `--backend` is given: all three, each forced.
+const DEFAULT_BACKENDS: &[&str] = &["portable", "precise", "kprobe"];
 
 /// Options of `cargo xtask vm-test`.
 #[derive(Args)]
 pub struct Options {
-    /// Run the kernel tests with this backend (repeatable; default: portable).
+    /// Run the kernel tests with this backend (repeatable; default: portable,
+    /// precise and kprobe).
     #[arg(long = "backend", value_enum, value_name = "BACKEND", default_values = DEFAULT_BACKENDS)]
     backends: Vec<Backend>,
     /// Keep target/vm/initramfs.cpio and its staging folder, and print the
@@ -131,6 +130,17 @@ pub struct Options {
     /// name filter.
     #[arg(last = true)]
     args: Vec<String>,
+}
+
+impl Options {
+    /// What `cargo xtask test` runs: every default backend.
+    pub fn defaults() -> Self {
+        let backends = DEFAULT_BACKENDS
+            .iter()
+            .filter_map(|name| <Backend as clap::ValueEnum>::from_str(name, true).ok())
+            .collect();
+        Self { backends, keep: false, timeout: 600, args: Vec::new() }
+    }
 }
 
 /// Runs the whole VM stage.
