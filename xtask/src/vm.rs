@@ -54,8 +54,9 @@ const GUEST_TRACER: &str = "/bin/port-trace";
 const GUEST_TESTS: &str = "/bin/port-trace-kernel-tests";
 
 /// Host tools the tests run in the guest besides busybox's applets, and
-/// where they go: `ip netns add/exec/delete` needs the real iproute2.
-const HOST_TOOLS: &[(&str, &str)] = &[("ip", "/usr/sbin/ip")];
+/// where they go: `ip netns add/exec/delete` needs the real iproute2, and the
+/// tests compare with (and end TIME_WAIT sockets through) its `ss`.
+const HOST_TOOLS: &[(&str, &str)] = &[("ip", "/usr/sbin/ip"), ("ss", "/usr/bin/ss")];
 
 /// What the guest itself needs from the kernel configuration.
 const GUEST_CONFIG: &[&str] = &[
