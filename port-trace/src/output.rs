@@ -120,6 +120,8 @@ struct JsonPort<'a> {
     comm: &'a str,
     netns: u32,
     cgroup: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_path: Option<String>,
     sock: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     started: Option<String>,
@@ -168,13 +170,14 @@ pub struct Output {
     lifecycles: bool,
     clock: BootClock,
     wrote_text_header: bool,
+    cgroups: crate::system::CgroupPaths,
 }
 
 impl Output {
     /// An output to `writer`. With `lifecycles`, only completed lifecycles
     /// (releases) are written, one line each.
     pub fn new(writer: Box<dyn Write + Send>, format: Format, lifecycles: bool, clock: BootClock) -> Self {
-        Self { writer, format, lifecycles, clock, wrote_text_header: false }
+        Self { writer, format, lifecycles, clock, wrote_text_header: false, cgroups: Default::default() }
     }
 
     /// The run's header: a JSON object, or the column titles.
@@ -253,6 +256,7 @@ impl Output {
             comm: &p.comm,
             netns: p.netns,
             cgroup: p.cgroup,
+            cgroup_path: self.cgroups.path(p.cgroup).map(str::to_string),
             sock: p.sock,
             started: None,
             origin: None,

@@ -205,10 +205,63 @@ pub fn socket_owners() -> std::collections::HashMap<u32, crate::decode::Task> {
             let comm = comm.get_or_insert_with(|| {
                 fs::read_to_string(entry.path().join("comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
             });
-            owners.entry(inode).or_insert_with(|| crate::decode::Task { pid, tid: pid, comm: comm.clone(), cgroup: 0 });
+            owners.entry(inode).or_insert_with(|| crate::decode::Task {
+                pid,
+                tid: pid,
+                comm: comm.clone(),
+                cgroup: cgroup_of_pid(pid).unwrap_or(0),
+            });
         }
     }
     owners
+}
+
+/// The cgroup v2 id of a process (the inode of its cgroup v2 directory),
+/// from the `0::PATH` line of `/proc/PID/cgroup`.
+pub fn cgroup_of_pid(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = cgroup2_root()?;
+    fs::metadata(root.join(path.trim_start_matches('/'))).ok().map(|m| m.ino())
+}
+
+/// Maps cgroup v2 ids to their paths (relative to the cgroup v2 root, as
+/// `/proc/PID/cgroup` shows them), walking the hierarchy when an id is new;
+/// unknown ids are looked for again at most once a second.
+#[derive(Default)]
+pub struct CgroupPaths {
+    known: std::collections::HashMap<u64, String>,
+    last_scan: Option<std::time::Instant>,
+}
+
+impl CgroupPaths {
+    /// The path of cgroup `id`, if it exists.
+    pub fn path(&mut self, id: u64) -> Option<&str> {
+        if id == 0 {
+            return None;
+        }
+        if !self.known.contains_key(&id) && self.last_scan.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+            self.scan();
+        }
+        self.known.get(&id).map(String::as_str)
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(std::time::Instant::now());
+        let Some(root) = cgroup2_root() else { return };
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            if let Ok(meta) = fs::metadata(&dir) {
+                let rel = dir.strip_prefix(&root).map(|p| format!("/{}", p.display())).unwrap_or_default();
+                self.known.insert(meta.ino(), rel);
+            }
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -242,5 +295,16 @@ mod tests {
         let inode: u32 = link.to_string_lossy().trim_start_matches("socket:[").trim_end_matches(']').parse().unwrap();
         let owner = socket_owners().remove(&inode).expect("our socket");
         assert_eq!(owner.pid, std::process::id());
+    }
+
+    #[test]
+    fn cgroup_ids_and_paths_agree() {
+        let id = cgroup_of_pid(std::process::id()).expect("own cgroup v2 id");
+        let mut paths = CgroupPaths::default();
+        let path = paths.path(id).expect("own cgroup path").to_string();
+        let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let want = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        assert_eq!(path.trim_end_matches('/'), want.trim_end_matches('/'));
+        assert_eq!(paths.path(0), None);
     }
 }
