@@ -127,6 +127,10 @@ pub struct TraceArgs {
     /// this much of the kernel freeing the port.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
     pub walk_interval: Duration,
+    /// Follow at most this many sockets; past it the oldest are dropped and
+    /// counted in the summary (`evicted`), keeping memory bounded.
+    #[arg(long, value_name = "N", default_value_t = crate::tracker::DEFAULT_MAX_TRACKED, value_parser = clap::value_parser!(usize))]
+    pub max_tracked: usize,
     /// Ring buffer size in KiB (a power of two); a larger one loses fewer
     /// events in bursts.
     #[arg(long, value_name = "KIB", default_value = "4096", value_parser = ring_kib)]

@@ -72,6 +72,10 @@ pub struct Summary {
     pub unpaired_releases: u64,
     /// Events of sockets not followed (accepted children, older sockets).
     pub unknown_socket_events: u64,
+    /// Releases inferred from a socket walk (the release event was lost).
+    pub reconciled: u64,
+    /// Sockets no longer followed because `--max-tracked` was reached.
+    pub evicted: u64,
     /// Allocations per second over the run.
     pub allocations_per_s: f64,
     /// Releases per second over the run.
@@ -410,6 +414,12 @@ pub fn summary_text(s: &Summary) -> String {
     }
     if s.decode_errors > 0 {
         text.push_str(&format!("; {} undecodable records", s.decode_errors));
+    }
+    if s.reconciled > 0 {
+        text.push_str(&format!("; {} releases inferred from socket walks", s.reconciled));
+    }
+    if s.evicted > 0 {
+        text.push_str(&format!("; {} sockets dropped from tracking (--max-tracked)", s.evicted));
     }
     text
 }

@@ -23,13 +23,12 @@ impl Pipeline {
     /// A pipeline reporting what passes `filter`, joining events as
     /// `keying` says.
     pub fn new(filter: Filter, keying: Keying) -> Self {
-        Self {
-            tracker: Tracker::with_keying(keying),
-            filter,
-            counts: Counts::default(),
-            decode_errors: 0,
-            scratch: Vec::new(),
-        }
+        Self::with_tracker(filter, Tracker::with_keying(keying))
+    }
+
+    /// A pipeline around a given tracker.
+    pub fn with_tracker(filter: Filter, tracker: Tracker) -> Self {
+        Self { tracker, filter, counts: Counts::default(), decode_errors: 0, scratch: Vec::new() }
     }
 
     /// Feeds one ring-buffer record; calls `sink` for every record that

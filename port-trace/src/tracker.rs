@@ -77,6 +77,9 @@ pub struct TrackerStats {
     /// Ports released because a walk no longer found their socket although
     /// no release was seen (lost events).
     pub reconciled: u64,
+    /// Sockets no longer followed because the limit of followed sockets was
+    /// reached.
+    pub evicted: u64,
 }
 
 /// A walk of one namespace's sockets, as announced to [`Tracker::begin_walk`].
@@ -143,7 +146,13 @@ pub struct Tracker {
     walk: Option<Walk>,
     /// The last per-run socket number given (address keying).
     next_sock_id: u64,
+    /// The most sockets followed at once (0: [`DEFAULT_MAX_TRACKED`]).
+    max_tracked: usize,
 }
+
+/// How many sockets a tracker follows at most unless told otherwise: about
+/// 200 MB of state at the worst.
+pub const DEFAULT_MAX_TRACKED: usize = 1 << 20;
 
 fn unknown_owner() -> Task {
     Task { pid: 0, tid: 0, comm: String::new(), cgroup: 0 }
@@ -206,6 +215,37 @@ impl Tracker {
     /// An empty tracker joining events as `keying` says.
     pub fn with_keying(keying: Keying) -> Self {
         Self { keying, ..Self::default() }
+    }
+
+    /// Follows at most `max` sockets: past that, the oldest sixteenth is
+    /// dropped (counted in [`TrackerStats::evicted`]), so that memory stays
+    /// bounded whatever is lost or never released.
+    pub fn with_limit(mut self, max: usize) -> Self {
+        self.max_tracked = max.max(16);
+        self
+    }
+
+    /// Makes room for one more socket when the limit is reached.
+    fn make_room(&mut self) {
+        let max = if self.max_tracked == 0 { DEFAULT_MAX_TRACKED } else { self.max_tracked };
+        if self.sockets.len() < max {
+            return;
+        }
+        let mut ages: Vec<(u64, u64)> = self.sockets.iter().map(|(k, t)| (t.alloc_ts_ns, *k)).collect();
+        let drop = (max / 16).max(1);
+        ages.select_nth_unstable(drop - 1);
+        for (_, key) in &ages[..drop] {
+            self.sockets.remove(key);
+        }
+        self.stats.evicted += drop as u64;
+        // Forget TIME_WAIT aliases of sockets no longer followed.
+        let sockets = &self.sockets;
+        self.time_wait_parent.retain(|_, parent| sockets.contains_key(parent));
+    }
+
+    /// Sockets followed now.
+    pub fn tracked(&self) -> usize {
+        self.sockets.len()
     }
 
     /// Ports held now by the sockets the tracker follows (TIME_WAIT included).
@@ -529,6 +569,7 @@ impl Tracker {
             // UDP connect() autobinds before it sets the addresses: the alloc
             // waits for the connect's end, which says where to.
             None if proto == Proto::Udp && origin == Origin::Connect => {
+                self.make_room();
                 self.sockets.insert(
                     ev.cookie,
                     Tracked {
@@ -630,6 +671,9 @@ impl Tracker {
             port: tracked.port_ref(ev.cookie),
             body: RecordBody::Alloc { origin: tracked.origin, ephemeral: tracked.ephemeral },
         });
+        if !self.sockets.contains_key(&ev.cookie) {
+            self.make_room();
+        }
         self.sockets.insert(ev.cookie, tracked);
     }
 
@@ -707,6 +751,7 @@ impl Tracker {
             };
             match awaiting {
                 Some(origin) if ev.endpoints.lport == 0 => {
+                    self.make_room();
                     self.sockets.insert(
                         cookie,
                         Tracked {
@@ -1450,5 +1495,26 @@ mod tests {
         t.on_event(&ev(2, 0, Proto::Tcp, 41000, Some(80), None, state(SynSent, Established, 41000, 0)), &mut out);
         assert!(out.is_empty());
         assert_eq!(t.stats().unknown_socket_events, 2);
+    }
+
+    /// Past the limit the oldest sockets are dropped, and counted.
+    #[test]
+    fn limit_evicts_the_oldest() {
+        let mut t = Tracker::new().with_limit(32);
+        let mut out = Vec::new();
+        for i in 1..=100u64 {
+            t.on_event(
+                &ev(i, i, Proto::Udp, 1000 + i as u16, None, task(), Happening::Bind { requested_port: 0 }),
+                &mut out,
+            );
+        }
+        assert!(t.tracked() <= 32, "{}", t.tracked());
+        assert_eq!(t.stats().evicted as usize + t.tracked(), 100);
+        // The newest is still followed; an evicted one's release is unpaired.
+        out.clear();
+        t.on_event(&ev(200, 100, Proto::Udp, 1100, None, task(), Happening::UdpRelease), &mut out);
+        assert!(matches!(out[0].body, RecordBody::Release { held_ns: Some(100), .. }));
+        t.on_event(&ev(201, 1, Proto::Udp, 1001, None, task(), Happening::UdpRelease), &mut out);
+        assert!(matches!(out[1].body, RecordBody::Release { held_ns: None, .. }));
     }
 }

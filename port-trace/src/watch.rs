@@ -19,7 +19,7 @@ use crate::output::{summary_text, Counts, Format, Header, Output, Summary};
 use crate::pipeline::Pipeline;
 use crate::privileges;
 use crate::system;
-use crate::tracker::{Keying, WalkStart};
+use crate::tracker::{Keying, Tracker, WalkStart};
 use crate::UsageError;
 use std::path::PathBuf;
 
@@ -166,7 +166,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
 
     let output = Output::new(writer, format, args.lifecycles, clock);
     let keying = if backend.keying_by_address { Keying::Address { mask: rand_mask() } } else { Keying::Cookie };
-    let pipeline = Pipeline::new(filter, keying);
+    let pipeline = Pipeline::with_tracker(filter, Tracker::with_keying(keying).with_limit(args.trace.max_tracked));
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
     // while the AsyncFd holds it.
     let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
@@ -208,6 +208,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         time_wait: pipeline.tracker.time_wait_ports(),
         unpaired_releases: stats.unpaired_releases,
         unknown_socket_events: stats.unknown_socket_events,
+        reconciled: stats.reconciled,
+        evicted: stats.evicted,
         allocations_per_s: per_s(pipeline.counts.alloc),
         releases_per_s: per_s(pipeline.counts.release),
     };
