@@ -520,7 +520,13 @@ fn attach_way(
         }
         Attach::Tracepoint(category, name) => {
             if system::tracefs_root().is_none() {
-                return Err("tracefs is not mounted: mount it with `mount -t tracefs nodev /sys/kernel/tracing`".into());
+                let unreadable = std::fs::read_dir("/sys/kernel/tracing")
+                    .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied);
+                return Err(if unreadable {
+                    "tracefs is not readable: run as root or with CAP_DAC_READ_SEARCH".into()
+                } else {
+                    "tracefs is not mounted: mount it with `mount -t tracefs nodev /sys/kernel/tracing`".into()
+                });
             }
             let p: &mut TracePoint = program.try_into().map_err(err)?;
             p.load().map_err(err)?;
