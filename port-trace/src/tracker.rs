@@ -107,6 +107,9 @@ struct Walk {
     session: Option<u64>,
     seen: HashSet<u64>,
     found: Vec<Found>,
+    /// Sockets released while the walk ran: a walk may find a socket just
+    /// before its release (or before its allocation) is reported.
+    released: HashSet<u64>,
 }
 
 /// A socket a walk found that the tracker did not know.
@@ -335,7 +338,13 @@ impl Tracker {
     /// their processes (from `/proc/*/fd`); `ephemeral_range` is the
     /// namespace's.
     pub fn begin_walk(&mut self, walk: WalkStart) {
-        self.walk = Some(Walk { start: walk, session: None, seen: HashSet::new(), found: Vec::new() });
+        self.walk = Some(Walk {
+            start: walk,
+            session: None,
+            seen: HashSet::new(),
+            found: Vec::new(),
+            released: HashSet::new(),
+        });
     }
 
     /// Ports held by sockets of `netns` in TIME_WAIT (for deciding which
@@ -409,6 +418,10 @@ impl Tracker {
             .collect();
         for found in walk.found.iter().filter(|_| start.adopt_unknown) {
             let e = &found.ev;
+            // Its allocation or release was reported while the walk ran.
+            if self.sockets.contains_key(&e.cookie) || walk.released.contains(&e.cookie) {
+                continue;
+            }
             if e.endpoints.lport == 0 {
                 continue;
             }
@@ -717,6 +730,9 @@ impl Tracker {
             }
         }
         let Some(tracked) = self.sockets.remove(&cookie) else { return };
+        if let Some(walk) = self.walk.as_mut() {
+            walk.released.insert(cookie);
+        }
         out.push(PortRecord {
             ts_ns,
             port: tracked.port_ref(cookie),
@@ -1516,5 +1532,25 @@ mod tests {
         assert!(matches!(out[0].body, RecordBody::Release { held_ns: Some(100), .. }));
         t.on_event(&ev(201, 1, Proto::Udp, 1001, None, task(), Happening::UdpRelease), &mut out);
         assert!(matches!(out[1].body, RecordBody::Release { held_ns: None, .. }));
+    }
+
+    /// A socket a walk finds while it is being allocated or released is not
+    /// adopted twice.
+    #[test]
+    fn walk_races_with_allocations_and_releases() {
+        let mut t = Tracker::new();
+        let mut out = Vec::new();
+        t.begin_walk(WalkStart { proto: Proto::Udp, adopt_unknown: true, ..walk_start(10, true) });
+        let udp = |ts, cookie, lport, happening| ev(ts, cookie, Proto::Udp, lport, None, task(), happening);
+        // Found before its bind is reported, then bound.
+        let snap = Happening::Snapshot { session: 7, state: None, inode: 1 };
+        t.on_event(&udp(11, 1, 5000, snap.clone()), &mut out);
+        t.on_event(&udp(12, 1, 5000, Happening::Bind { requested_port: 0 }), &mut out);
+        // Allocated, released, then found (the ring's order).
+        t.on_event(&udp(13, 2, 5001, Happening::UdpFirstSend), &mut out);
+        t.on_event(&udp(14, 2, 5001, Happening::UdpRelease), &mut out);
+        t.on_event(&udp(15, 2, 5001, snap), &mut out);
+        t.on_event(&udp(16, 0, 0, Happening::WalkEnd { session: 7 }), &mut out);
+        assert_eq!(kinds(&out), ["alloc bind true", "alloc autobind true", "release close"]);
     }
 }
