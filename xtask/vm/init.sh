@@ -16,7 +16,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the initramfs (itself in RAM) may hold the workload at
+# its build path, which can lie under /tmp (CI clones anywhere).
+mkdir -p /tmp && chmod 1777 /tmp
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t securityfs securityfs /sys/kernel/security
