@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
@@ -50,11 +50,9 @@ pub mod kind {
     /// port was not reported before (the kernel autobound it for the send).
     pub const UDP_FIRST_SEND: u16 = 11;
     /// `iter/tcp`, `iter/udp`: a socket found by a walk of a namespace's
-    /// sockets; `old_state` is its state, `cgroup_id` the walk's session id.
+    /// sockets, written to the iterator's output (not the ring buffer);
+    /// `old_state` is its state, `inode` its socket inode.
     pub const SNAPSHOT: u16 = 12;
-    /// The end of a walk (`cgroup_id` = session id, `protocol` = what was
-    /// walked).
-    pub const WALK_END: u16 = 13;
 }
 
 /// Bits of [`RawEvent::flags`].

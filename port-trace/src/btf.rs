@@ -8,8 +8,6 @@
 //! type accessors private; the format is small and stable (see
 //! `Documentation/bpf/btf.rst`), so this reads only what it needs.
 
-use std::collections::HashMap;
-
 use anyhow::{bail, Context, Result};
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -37,17 +35,21 @@ const KIND_ENUM64: u32 = 19;
 /// One struct or union member.
 #[derive(Debug, Clone)]
 struct Member {
-    name: String,
+    /// Offset of the name in the string section.
+    name: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield_size: u32,
 }
 
-/// The parts of a BTF type this reader uses.
+/// The parts of a BTF type this reader uses. Names stay offsets into the
+/// string section: the kernel's BTF has over 100 000 types, and only a few
+/// dozen are ever looked up.
 #[derive(Debug, Clone)]
 struct Type {
     kind: u32,
-    name: String,
+    /// Offset of the name in the string section.
+    name: u32,
     /// Size in bytes (int, struct, union, enum, float) or the referenced type
     /// id (ptr, typedef, const, volatile, restrict, func, var, type tag).
     size_or_type: u32,
@@ -69,7 +71,8 @@ pub struct Field {
 pub struct Btf {
     /// Index 0 is `void`.
     types: Vec<Type>,
-    by_name: HashMap<String, Vec<u32>>,
+    /// The string section.
+    strings: Vec<u8>,
 }
 
 fn u16_at(data: &[u8], at: usize) -> Result<u16> {
@@ -82,10 +85,11 @@ fn u32_at(data: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
-fn string_at(strings: &[u8], offset: u32) -> Result<String> {
-    let rest = strings.get(offset as usize..).context("BTF string offset out of range")?;
+/// The NUL-terminated string at `offset` (empty when out of range).
+fn str_at(strings: &[u8], offset: u32) -> &[u8] {
+    let rest = strings.get(offset as usize..).unwrap_or_default();
     let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-    Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+    &rest[..end]
 }
 
 impl Btf {
@@ -113,7 +117,7 @@ impl Btf {
         let strings =
             data.get(hdr_len + str_off..hdr_len + str_off + str_len).context("BTF string section out of range")?;
 
-        let mut types = vec![Type { kind: 0, name: String::new(), size_or_type: 0, array: None, members: Vec::new() }];
+        let mut types = vec![Type { kind: 0, name: 0, size_or_type: 0, array: None, members: Vec::new() }];
         let mut at = 0usize;
         while at < types_data.len() {
             let name_off = u32_at(types_data, at)?;
@@ -123,8 +127,10 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
-            let mut ty =
-                Type { kind, name: string_at(strings, name_off)?, size_or_type, array: None, members: Vec::new() };
+            if name_off as usize >= strings.len() {
+                bail!("BTF string offset out of range");
+            }
+            let mut ty = Type { kind, name: name_off, size_or_type, array: None, members: Vec::new() };
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
                 KIND_ARRAY => {
@@ -137,7 +143,7 @@ impl Btf {
                         let (bit_offset, bitfield_size) =
                             if kind_flag { (raw_offset & 0xff_ffff, raw_offset >> 24) } else { (raw_offset, 0) };
                         ty.members.push(Member {
-                            name: string_at(strings, u32_at(types_data, at)?)?,
+                            name: u32_at(types_data, at)?,
                             type_id: u32_at(types_data, at + 4)?,
                             bit_offset,
                             bitfield_size,
@@ -153,17 +159,16 @@ impl Btf {
             }
             types.push(ty);
         }
-        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
-        for (id, ty) in types.iter().enumerate() {
-            if !ty.name.is_empty() {
-                by_name.entry(ty.name.clone()).or_default().push(id as u32);
-            }
-        }
-        Ok(Self { types, by_name })
+        types.shrink_to_fit();
+        Ok(Self { types, strings: strings.to_vec() })
+    }
+
+    fn name_is(&self, offset: u32, name: &str) -> bool {
+        str_at(&self.strings, offset) == name.as_bytes()
     }
 
     fn named(&self, name: &str, kind: u32) -> Option<u32> {
-        self.by_name.get(name)?.iter().copied().find(|&id| self.types[id as usize].kind == kind)
+        self.types.iter().position(|t| t.kind == kind && self.name_is(t.name, name)).map(|id| id as u32)
     }
 
     /// True when the kernel has a function of this name (fentry/kprobe target).
@@ -207,12 +212,12 @@ impl Btf {
     fn find_member(&self, id: u32, name: &str) -> Option<(u32, u32, u32)> {
         let ty = &self.types[self.resolve(id) as usize];
         for member in &ty.members {
-            if member.name == name {
+            if self.name_is(member.name, name) {
                 return Some((member.bit_offset, member.type_id, member.bitfield_size));
             }
         }
         for member in &ty.members {
-            if member.name.is_empty() {
+            if member.name == 0 {
                 if let Some((off, ty, bits)) = self.find_member(member.type_id, name) {
                     return Some((member.bit_offset + off, ty, bits));
                 }

@@ -122,17 +122,10 @@ pub enum Happening {
     UdpFirstSend,
     /// A socket found by a walk of a namespace's sockets.
     Snapshot {
-        /// The walk.
-        session: u64,
         /// Its state (TCP; for UDP, ESTABLISHED when connected).
         state: Option<TcpState>,
         /// Its inode, 0 for TIME_WAIT sockets.
         inode: u32,
-    },
-    /// A walk ended.
-    WalkEnd {
-        /// The walk.
-        session: u64,
     },
 }
 
@@ -208,12 +201,7 @@ impl TryFrom<&RawEvent> for KernelEvent {
             kind::TIME_WAIT_END => Happening::TimeWaitEnd,
             kind::BIND_FAILED => Happening::BindFailed { ret: raw.ret },
             kind::UDP_FIRST_SEND => Happening::UdpFirstSend,
-            kind::SNAPSHOT => Happening::Snapshot {
-                session: raw.cgroup_id,
-                state: TcpState::from_kernel(raw.old_state),
-                inode: raw.inode,
-            },
-            kind::WALK_END => Happening::WalkEnd { session: raw.cgroup_id },
+            kind::SNAPSHOT => Happening::Snapshot { state: TcpState::from_kernel(raw.old_state), inode: raw.inode },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         // Old → CLOSE transitions out of CLOSE run in the caller's context too.

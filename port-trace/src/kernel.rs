@@ -761,10 +761,10 @@ impl Backend {
 
     /// Walks the `proto` sockets of one network namespace (`netns`, a path
     /// to enter; the current one when `None`): the iterator program runs for
-    /// each socket and writes SNAPSHOT events, then a WALK_END, into the ring
-    /// buffer. The iterator takes the namespace of the thread that creates
-    /// it, so this thread enters `netns` for that moment and comes back.
-    pub fn walk(&mut self, proto: crate::model::Proto, netns: Option<&std::path::Path>) -> Result<()> {
+    /// each socket and writes a SNAPSHOT record to the iterator's output,
+    /// returned here whole. The iterator takes the namespace of the thread
+    /// that creates it, so this thread enters `netns` for that moment.
+    pub fn walk(&mut self, proto: crate::model::Proto, netns: Option<&std::path::Path>) -> Result<Vec<u8>> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         let name = match proto {
@@ -792,11 +792,10 @@ impl Backend {
             setns(&own)?;
         }
         let mut file = file.context("creating the socket iterator")?;
-        // The program writes into the ring buffer; the iterator's own output
-        // is empty. Reading runs the walk to its end.
-        let mut sink = Vec::new();
-        file.read_to_end(&mut sink).context("walking the sockets")?;
-        Ok(())
+        // Reading runs the walk to its end.
+        let mut records = Vec::new();
+        file.read_to_end(&mut records).context("walking the sockets")?;
+        Ok(records)
     }
 
     /// The ring buffer of events.

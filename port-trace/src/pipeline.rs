@@ -31,6 +31,20 @@ impl Pipeline {
         Self { tracker, filter, counts: Counts::default(), decode_errors: 0, scratch: Vec::new() }
     }
 
+    /// Ends a socket walk (see [`Tracker::end_walk`]), passing what it
+    /// produces through the filter to `sink`.
+    pub fn end_walk<E>(&mut self, ts_ns: u64, mut sink: impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
+        self.tracker.end_walk(ts_ns, &mut self.scratch);
+        let mut result = Ok(());
+        for rec in self.scratch.drain(..) {
+            if result.is_ok() && self.filter.matches(&rec) {
+                self.counts.add(&rec.body);
+                result = sink(&rec);
+            }
+        }
+        result
+    }
+
     /// Feeds one ring-buffer record; calls `sink` for every record that
     /// passes the filter. Stops at the sink's first error.
     pub fn feed<E>(&mut self, bytes: &[u8], mut sink: impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {

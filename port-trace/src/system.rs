@@ -189,28 +189,38 @@ pub fn netns_paths() -> std::collections::HashMap<u32, PathBuf> {
 }
 
 /// Which process holds each socket, by socket inode, from the
-/// `socket:[INODE]` links in `/proc/*/fd` (what `ss -p` does).
-pub fn socket_owners() -> std::collections::HashMap<u32, crate::decode::Task> {
+/// `socket:[INODE]` links in `/proc/*/fd` (what `ss -p` does). With
+/// `netns`, only processes in that network namespace are looked at (a
+/// process elsewhere may hold a socket of it, after `setns`; it is then not
+/// named).
+pub fn socket_owners(netns: Option<u32>) -> std::collections::HashMap<u32, crate::decode::Task> {
     let mut owners = std::collections::HashMap::new();
+    let cgroup_root = cgroup2_root();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Ok(pid) = name.to_string_lossy().parse::<u32>() else { continue };
+        if let Some(netns) = netns {
+            let inode = fs::metadata(entry.path().join("ns/net")).map(|m| m.ino()).ok();
+            if inode != Some(u64::from(netns)) {
+                continue;
+            }
+        }
         let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
-        let mut comm = None;
+        let mut owner: Option<crate::decode::Task> = None;
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else { continue };
             let target = target.to_string_lossy();
             let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) else { continue };
             let Ok(inode) = inode.parse::<u32>() else { continue };
-            let comm = comm.get_or_insert_with(|| {
-                fs::read_to_string(entry.path().join("comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
-            });
-            owners.entry(inode).or_insert_with(|| crate::decode::Task {
+            let owner = owner.get_or_insert_with(|| crate::decode::Task {
                 pid,
                 tid: pid,
-                comm: comm.clone(),
-                cgroup: cgroup_of_pid(pid).unwrap_or(0),
+                comm: fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default(),
+                cgroup: cgroup_root.as_deref().and_then(|root| cgroup_of_pid_under(root, pid)).unwrap_or(0),
             });
+            owners.entry(inode).or_insert_with(|| owner.clone());
         }
     }
     owners
@@ -219,9 +229,12 @@ pub fn socket_owners() -> std::collections::HashMap<u32, crate::decode::Task> {
 /// The cgroup v2 id of a process (the inode of its cgroup v2 directory),
 /// from the `0::PATH` line of `/proc/PID/cgroup`.
 pub fn cgroup_of_pid(pid: u32) -> Option<u64> {
+    cgroup_of_pid_under(&cgroup2_root()?, pid)
+}
+
+fn cgroup_of_pid_under(root: &Path, pid: u32) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let root = cgroup2_root()?;
     fs::metadata(root.join(path.trim_start_matches('/'))).ok().map(|m| m.ino())
 }
 
@@ -293,7 +306,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         let link = fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).unwrap();
         let inode: u32 = link.to_string_lossy().trim_start_matches("socket:[").trim_end_matches(']').parse().unwrap();
-        let owner = socket_owners().remove(&inode).expect("our socket");
+        let owner = socket_owners(None).remove(&inode).expect("our socket");
+        assert!(socket_owners(own_netns()).contains_key(&inode));
         assert_eq!(owner.pid, std::process::id());
     }
 

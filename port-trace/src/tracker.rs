@@ -104,7 +104,6 @@ pub struct WalkStart {
 
 struct Walk {
     start: WalkStart,
-    session: Option<u64>,
     seen: HashSet<u64>,
     found: Vec<Found>,
     /// Sockets released while the walk ran: a walk may find a socket just
@@ -154,8 +153,8 @@ pub struct Tracker {
 }
 
 /// How many sockets a tracker follows at most unless told otherwise: about
-/// 200 MB of state at the worst.
-pub const DEFAULT_MAX_TRACKED: usize = 1 << 20;
+/// 60 MiB of state at the worst (measured: about 0.45 KiB a socket).
+pub const DEFAULT_MAX_TRACKED: usize = 1 << 17;
 
 fn unknown_owner() -> Task {
     Task { pid: 0, tid: 0, comm: String::new(), cgroup: 0 }
@@ -239,6 +238,11 @@ impl Tracker {
         ages.select_nth_unstable(drop - 1);
         for (_, key) in &ages[..drop] {
             self.sockets.remove(key);
+            // A walk running now must not take them for sockets it never
+            // heard of.
+            if let Some(walk) = self.walk.as_mut() {
+                walk.released.insert(*key);
+            }
         }
         self.stats.evicted += drop as u64;
         // Forget TIME_WAIT aliases of sockets no longer followed.
@@ -290,7 +294,7 @@ impl Tracker {
     fn dispatch(&mut self, ev: &KernelEvent, out: &mut Vec<PortRecord>) {
         // A stored cookie of 0 (raw tracepoints, before anything asked for
         // the socket's cookie) names no socket.
-        if ev.cookie == 0 && !matches!(ev.happening, Happening::WalkEnd { .. }) {
+        if ev.cookie == 0 {
             self.stats.unknown_socket_events += 1;
             return;
         }
@@ -327,24 +331,17 @@ impl Tracker {
             Happening::TimeWaitEnd => self.on_time_wait_end(ev, out),
             Happening::BindFailed { ret } => self.on_bind_failed(ev, *ret, out),
             Happening::UdpFirstSend => self.on_udp_first_send(ev, out),
-            Happening::Snapshot { session, state, inode } => self.on_snapshot(ev, *session, *state, *inode, out),
-            Happening::WalkEnd { session } => self.on_walk_end(ev, *session, out),
+            Happening::Snapshot { state, inode } => self.on_snapshot(ev, *state, *inode, out),
         }
     }
 
     /// Announces a walk of one namespace's sockets of `proto`, starting now
     /// (`started_ns`, CLOCK_BOOTTIME, taken before the walk begins). Its
-    /// SNAPSHOT and WALK_END events follow. `owners` maps socket inodes to
+    /// SNAPSHOT records follow, then [`Tracker::end_walk`]. `owners` maps socket inodes to
     /// their processes (from `/proc/*/fd`); `ephemeral_range` is the
     /// namespace's.
     pub fn begin_walk(&mut self, walk: WalkStart) {
-        self.walk = Some(Walk {
-            start: walk,
-            session: None,
-            seen: HashSet::new(),
-            found: Vec::new(),
-            released: HashSet::new(),
-        });
+        self.walk = Some(Walk { start: walk, seen: HashSet::new(), found: Vec::new(), released: HashSet::new() });
     }
 
     /// Ports held by sockets of `netns` in TIME_WAIT (for deciding which
@@ -356,6 +353,12 @@ impl Tracker {
         ns
     }
 
+    /// Forgets the walk announced last without concluding anything (it
+    /// failed, so not finding a socket means nothing).
+    pub fn abandon_walk(&mut self) {
+        self.walk = None;
+    }
+
     /// Namespaces with sockets the tracker follows.
     pub fn namespaces(&self) -> Vec<u32> {
         let mut ns: Vec<u32> = self.sockets.values().map(|t| t.netns).collect();
@@ -364,19 +367,8 @@ impl Tracker {
         ns
     }
 
-    fn on_snapshot(
-        &mut self,
-        ev: &KernelEvent,
-        session: u64,
-        state: Option<TcpState>,
-        inode: u32,
-        out: &mut Vec<PortRecord>,
-    ) {
+    fn on_snapshot(&mut self, ev: &KernelEvent, state: Option<TcpState>, inode: u32, out: &mut Vec<PortRecord>) {
         let Some(walk) = self.walk.as_mut() else { return };
-        if walk.session.is_some_and(|s| s != session) {
-            return;
-        }
-        walk.session = Some(session);
         walk.seen.insert(ev.cookie);
         match self.sockets.get(&ev.cookie).map(|t| t.phase) {
             Some(Phase::Awaiting(_)) if ev.endpoints.lport != 0 => self.materialize(ev.cookie, &ev.endpoints, out),
@@ -392,12 +384,11 @@ impl Tracker {
         }
     }
 
-    fn on_walk_end(&mut self, ev: &KernelEvent, session: u64, out: &mut Vec<PortRecord>) {
+    /// Ends the walk announced by [`Tracker::begin_walk`] once its SNAPSHOT
+    /// records are fed: adopts what the first walk found, and releases what
+    /// no walk finds any more. `ts_ns` is when the walk ended.
+    pub fn end_walk(&mut self, ts_ns: u64, out: &mut Vec<PortRecord>) {
         let Some(walk) = self.walk.take() else { return };
-        if walk.session.is_some_and(|s| s != session) {
-            self.walk = Some(walk);
-            return;
-        }
         let start = &walk.start;
         // Sockets we did not know: ports held since before we started (or
         // whose allocation was lost). Accepted children share a listener's
@@ -476,7 +467,7 @@ impl Tracker {
                     ReleaseReason::Reconciled
                 }
             };
-            self.release(cookie, ev.ts_ns, reason, out);
+            self.release(cookie, ts_ns, reason, out);
         }
     }
 
@@ -1430,7 +1421,7 @@ mod tests {
     }
 
     fn snapshot(ts: u64, cookie: u64, lport: u16, remote: Option<u16>, state: TcpState, inode: u32) -> KernelEvent {
-        ev(ts, cookie, Proto::Tcp, lport, remote, None, Happening::Snapshot { session: 7, state: Some(state), inode })
+        ev(ts, cookie, Proto::Tcp, lport, remote, None, Happening::Snapshot { state: Some(state), inode })
     }
 
     fn walk_start(started_ns: u64, adopt_unknown: bool) -> WalkStart {
@@ -1450,7 +1441,7 @@ mod tests {
         t.on_event(&snapshot(12, 2, 8080, Some(40000), Established, 901), &mut out); // child
         t.on_event(&snapshot(13, 3, 45000, Some(443), Established, 900), &mut out); // client
         t.on_event(&snapshot(14, 4, 46000, Some(443), TimeWait, 0), &mut out);
-        t.on_event(&ev(15, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        t.end_walk(15, &mut out);
         assert_eq!(kinds(&out), ["alloc snapshot false", "alloc snapshot true", "alloc snapshot true"]);
         assert_eq!((out[0].port.pid, out[0].port.comm.as_str()), (77, "nginx"));
         assert_eq!(out[2].port.pid, 0, "TIME_WAIT sockets have no owner");
@@ -1462,7 +1453,7 @@ mod tests {
         t.begin_walk(walk_start(100, false));
         t.on_event(&snapshot(101, 1, 8080, None, Listen, 900), &mut out);
         t.on_event(&snapshot(102, 9, 8080, Some(40001), TimeWait, 0), &mut out); // a child's TIME_WAIT
-        t.on_event(&ev(103, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        t.end_walk(103, &mut out);
         let mut got = kinds(&out);
         got.sort();
         assert_eq!(got, ["release reconciled", "release time_wait_end"]);
@@ -1483,7 +1474,7 @@ mod tests {
         out.clear();
         t.begin_walk(walk_start(55, false));
         t.on_event(&snapshot(70, 5, 41000, Some(80), Established, 1), &mut out);
-        t.on_event(&ev(71, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        t.end_walk(71, &mut out);
         assert!(out.is_empty(), "{:?}", kinds(&out));
         assert_eq!(t.ports_in_use(), 2);
     }
@@ -1496,7 +1487,7 @@ mod tests {
         t.on_event(&ev(1, 11, Proto::Tcp, 0, None, task(), state(Close, Listen, 0, 0)), &mut out);
         t.begin_walk(walk_start(5, false));
         t.on_event(&snapshot(6, 11, 45000, None, Listen, 1), &mut out);
-        t.on_event(&ev(7, 0, Proto::Tcp, 0, None, None, Happening::WalkEnd { session: 7 }), &mut out);
+        t.end_walk(7, &mut out);
         assert_eq!(kinds(&out), ["alloc listen true", "state CLOSE>LISTEN"]);
         assert_eq!(out[0].ts_ns, 1, "stamped at listen()");
     }
@@ -1543,14 +1534,14 @@ mod tests {
         t.begin_walk(WalkStart { proto: Proto::Udp, adopt_unknown: true, ..walk_start(10, true) });
         let udp = |ts, cookie, lport, happening| ev(ts, cookie, Proto::Udp, lport, None, task(), happening);
         // Found before its bind is reported, then bound.
-        let snap = Happening::Snapshot { session: 7, state: None, inode: 1 };
+        let snap = Happening::Snapshot { state: None, inode: 1 };
         t.on_event(&udp(11, 1, 5000, snap.clone()), &mut out);
         t.on_event(&udp(12, 1, 5000, Happening::Bind { requested_port: 0 }), &mut out);
         // Allocated, released, then found (the ring's order).
         t.on_event(&udp(13, 2, 5001, Happening::UdpFirstSend), &mut out);
         t.on_event(&udp(14, 2, 5001, Happening::UdpRelease), &mut out);
         t.on_event(&udp(15, 2, 5001, snap), &mut out);
-        t.on_event(&udp(16, 0, 0, Happening::WalkEnd { session: 7 }), &mut out);
+        t.end_walk(16, &mut out);
         assert_eq!(kinds(&out), ["alloc bind true", "alloc autobind true", "release close"]);
     }
 }

@@ -84,6 +84,12 @@ fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
             } else {
                 options.create_new(true);
             }
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                bail!(UsageError(format!(
+                    "{} is a symbolic link: port-trace never writes through one, --force or not",
+                    path.display()
+                )));
+            }
             let file = options.open(path).map_err(|e| {
                 let hint = if e.kind() == io::ErrorKind::AlreadyExists { " (use --force to overwrite)" } else { "" };
                 UsageError(format!("cannot create {}: {e}{hint}", path.display()))
@@ -250,16 +256,29 @@ struct Live {
     walk_errors: u64,
 }
 
+/// Most events one synchronous drain handles (before and after a walk).
+const MAX_DRAIN: usize = 16384;
+
+/// Most events handled per wake-up before the other work of the loop.
+const BATCH: usize = 4096;
+
+/// The least time between two repair walks after lost events: under a
+/// flood, losses go on, and walking every second would starve the loop.
+const REPAIR_AFTER_LOSS_EVERY: Duration = Duration::from_secs(5);
+
 /// How often every followed socket is checked against a walk, to repair
 /// what lost events broke.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 impl Live {
-    /// Feeds whatever the ring buffer holds to the pipeline.
+    /// Feeds what the ring buffer holds to the pipeline: at most what a full
+    /// ring buffer holds, so that a flood cannot keep this going for ever
+    /// (what is left is read by the main loop).
     fn drain(&mut self) -> Result<()> {
         let (pipeline, output) = (&mut self.pipeline, &mut self.output);
         let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
+        for _ in 0..MAX_DRAIN {
+            let Some(item) = ring.next() else { break };
             pipeline.feed(&item, |rec| output.record(rec))?;
         }
         Ok(())
@@ -289,7 +308,11 @@ impl Live {
                 }
             }
         };
-        let owners = if owners { system::socket_owners() } else { Default::default() };
+        let only = match &self.scope {
+            Scope::One(inode, _) => Some(*inode),
+            Scope::All => None,
+        };
+        let owners = if owners { system::socket_owners(only) } else { Default::default() };
         for (netns, path) in targets {
             // A namespace nobody can enter any more is gone, and with it its
             // sockets (inet_twsk_purge); walking the own namespace needs no
@@ -311,9 +334,26 @@ impl Live {
                     ephemeral_range,
                     adopt_unknown,
                 });
+                // Events that happened before the walk first, so that the
+                // walk compares with an up-to-date tracker.
+                self.drain()?;
                 match self.backend.walk(*proto, if own { None } else { path.as_deref() }) {
-                    Ok(()) => self.drain()?,
-                    Err(_) => self.walk_errors += 1,
+                    Ok(records) => {
+                        let (pipeline, output) = (&mut self.pipeline, &mut self.output);
+                        for record in records.chunks_exact(std::mem::size_of::<port_trace_common::RawEvent>()) {
+                            pipeline.feed(record, |rec| output.record(rec))?;
+                        }
+                        // What happened while the walk ran (a socket closed
+                        // before the walk reached it, one opened after it
+                        // passed) is in the ring: take it in before judging.
+                        self.drain()?;
+                        let (pipeline, output) = (&mut self.pipeline, &mut self.output);
+                        pipeline.end_walk(BootClock::boot_now_ns(), |rec| output.record(rec))?;
+                    }
+                    Err(_) => {
+                        self.walk_errors += 1;
+                        self.pipeline.tracker.abandon_walk();
+                    }
                 }
             }
         }
@@ -331,6 +371,8 @@ impl Live {
         let mut walk_tick = tokio::time::interval(self.time_wait_walks.unwrap_or(RECONCILE_EVERY));
         walk_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = tokio::time::Instant::now();
+        // The first repair after a loss may run at once.
+        let mut last_repair: Option<tokio::time::Instant> = None;
         let mut lost_at_reconcile = 0;
         let deadline = async {
             match duration {
@@ -345,18 +387,40 @@ impl Live {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
                     let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        self.pipeline.feed(&item, |rec| self.output.record(rec))?;
+                    // A bounded batch: under a flood the ring never runs
+                    // empty, and signals, the deadline, flushes and walks
+                    // must still get their turn.
+                    let mut drained = true;
+                    for _ in 0..BATCH {
+                        match ring.next() {
+                            Some(item) => self.pipeline.feed(&item, |rec| self.output.record(rec))?,
+                            None => {
+                                drained = true;
+                                break;
+                            }
+                        }
+                        drained = false;
                     }
-                    guard.clear_ready();
+                    if drained {
+                        guard.clear_ready();
+                    } else {
+                        // Let the runtime drive its timers and signals: the
+                        // ring alone would keep this task busy for ever.
+                        drop(guard);
+                        tokio::task::yield_now().await;
+                    }
                 }
                 _ = flush_tick.tick() => {
                     self.loss.report(&mut self.output)?;
                     self.output.flush()?;
                 }
                 _ = walk_tick.tick() => {
-                    let lost_more = self.loss.events > lost_at_reconcile;
+                    let lost_more = self.loss.events > lost_at_reconcile
+                        && last_repair.is_none_or(|t| t.elapsed() >= REPAIR_AFTER_LOSS_EVERY);
                     if lost_more || last_reconcile.elapsed() >= RECONCILE_EVERY {
+                        if lost_more {
+                            last_repair = Some(tokio::time::Instant::now());
+                        }
                         // Repair: every followed socket against the kernel's.
                         lost_at_reconcile = self.loss.events;
                         last_reconcile = tokio::time::Instant::now();

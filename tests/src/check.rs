@@ -341,7 +341,16 @@ pub fn check_lifecycles(truth: &Truth, records: &[Value], netns: u64) -> Report 
         if a["ephemeral"].as_bool() != Some(t.ephemeral) {
             d.push(format!("ephemeral: want {}, got {}", t.ephemeral, a["ephemeral"]));
         }
-        diff_time(&a["ts"], &t.allocated_at, "ts vs the workload's clock after the call", &mut d);
+        if t.origin == "snapshot" {
+            // Found by the tracer's first walk, after the socket was made.
+            if let (Some(got), Some(made)) = (ts(a), rfc3339::parse(&t.allocated_at)) {
+                if got < made - CLOCK_SLACK_NS {
+                    d.push(format!("ts {} is before the socket was made ({})", a["ts"], t.allocated_at));
+                }
+            }
+        } else {
+            diff_time(&a["ts"], &t.allocated_at, "ts vs the workload's clock after the call", &mut d);
+        }
         if !d.is_empty() {
             r.add(Kind::Mismatch, "alloc", format!("{} line {}", t.label(), i + 2), d.join("; "));
         }
@@ -362,11 +371,13 @@ pub fn check_lifecycles(truth: &Truth, records: &[Value], netns: u64) -> Report 
 }
 
 /// Strict: every socket the workload saw in TIME_WAIT has a `state` record
-/// with `"new":"TIME_WAIT"` for its alloc's cookie, with matching fields.
+/// with `"new":"TIME_WAIT"` for its alloc's cookie, with matching fields
+/// (but for those already in TIME_WAIT when the tracer started: origin
+/// `snapshot`, no hand-off to see).
 pub fn check_time_wait_states(truth: &Truth, records: &[Value]) -> Vec<Finding> {
     let mut r = Report::default();
     let pairs = pair_allocs(truth, records, &mut Report::default());
-    for t in truth.allocations().into_iter().filter(|t| t.time_wait) {
+    for t in truth.allocations().into_iter().filter(|t| t.time_wait && t.origin != "snapshot") {
         let Some((_, i)) = pairs.iter().find(|(p, _)| std::ptr::eq(*p, t)) else {
             r.add(Kind::Missing, "state", t.label(), "no alloc record, so no cookie to find its state records by");
             continue;
@@ -593,6 +604,10 @@ fn check_failures(truth: &Truth, records: &[Value], netns: u64, r: &mut Report) 
                 if v["origin"].as_str() != Some(t.origin.as_str()) {
                     d.push(format!("origin: want {:?}, got {}", t.origin, v["origin"]));
                 }
+                // A refused bind names the address that was asked for.
+                if t.op == "bind_fail" && ip(&v["laddr"]) != t.laddr.parse().ok() {
+                    d.push(format!("laddr: want {:?} (asked of bind), got {}", t.laddr, v["laddr"]));
+                }
                 diff_time(&v["ts"], &t.allocated_at, "ts vs the workload's clock after the call", &mut d);
                 if !d.is_empty() {
                     r.add(Kind::Mismatch, "alloc_fail", format!("{} line {}", t.label(), i + 2), d.join("; "));
@@ -685,6 +700,12 @@ fn check_releases(pairs: &[(&TruthSocket, usize)], records: &[Value], netns: u64
                 d.push("ts: the release is before the alloc".into());
             }
             match v["held_ns"].as_u64() {
+                // A snapshot is not the allocation: the hold time is unknown.
+                _ if t.origin == "snapshot" => {
+                    if !v["held_ns"].is_null() {
+                        d.push(format!("held_ns: want null (the alloc was not seen), got {}", v["held_ns"]));
+                    }
+                }
                 Some(h) if (i128::from(h) - (rts - ats)).abs() <= HELD_SLACK_NS => {}
                 Some(h) => d.push(format!("held_ns: {h}, but release ts - alloc ts = {}", rts - ats)),
                 None => d.push(format!("held_ns: want the time since the alloc, got {}", v["held_ns"])),
@@ -728,13 +749,24 @@ fn diff_common(t: &TruthSocket, v: &Value, netns: u64, d: &mut Vec<String>) {
         d.push(format!("rport: want {}, got {}", json_opt(&t.rport), v["rport"]));
     }
     if v["pid"].as_u64() != Some(u64::from(t.pid)) {
-        d.push(format!("pid: want {} (the workload), got {}", t.pid, v["pid"]));
+        d.push(format!("pid: want {} ({}), got {}", t.pid, owner(t), v["pid"]));
     }
-    if v["comm"] != WORKLOAD_COMM {
-        d.push(format!("comm: want {WORKLOAD_COMM:?}, got {}", v["comm"]));
+    let comm = if t.pid == 0 { "" } else { WORKLOAD_COMM };
+    if v["comm"] != comm {
+        d.push(format!("comm: want {comm:?} ({}), got {}", owner(t), v["comm"]));
     }
     if v["netns"].as_u64() != Some(netns) {
         d.push(format!("netns: want {netns}, got {}", v["netns"]));
+    }
+}
+
+/// Who owns a truth socket, for messages: pid 0 stands for no process
+/// (a TIME_WAIT socket found by a walk belongs to nobody).
+fn owner(t: &TruthSocket) -> &'static str {
+    if t.pid == 0 {
+        "no process owns it"
+    } else {
+        "the workload"
     }
 }
 
@@ -1065,6 +1097,80 @@ mod tests {
         let f = check_state_sequences(&truth, &records, |t| (t.op == "connect_refused").then_some(REFUSED));
         assert_eq!(f.len(), 1, "{f:?}");
         assert!(f[0].detail.contains("want [CLOSE->SYN_SENT, SYN_SENT->CLOSE], got [CLOSE->SYN_SENT]"), "{f:?}");
+    }
+
+    /// The fixture as sockets that existed before the tracer: a listener
+    /// and a released client of one process, and a TIME_WAIT socket nobody
+    /// owns (pid 0), released when its TIME_WAIT ends.
+    fn snapshot_fixture() -> (Truth, Vec<Value>) {
+        let (mut truth, mut records) = fixture();
+        for t in &mut truth.sockets {
+            t.origin = "snapshot".into();
+            t.allocated_at = "2026-11-26T06:39:00.000000000Z".into();
+        }
+        let tw = &mut truth.sockets[2];
+        tw.pid = 0;
+        tw.expect_release = true;
+        tw.release_reason = Some("time_wait_end".into());
+        for r in &mut records {
+            if r["type"] == "alloc" {
+                r["origin"] = json!("snapshot");
+            }
+            if r["type"] == "release" {
+                r["held_ns"] = Value::Null;
+            }
+        }
+        records[2]["pid"] = json!(0);
+        records[2]["comm"] = json!("");
+        records[2]["ephemeral"] = json!(true);
+        let mut rel = records[2].clone();
+        rel["type"] = json!("release");
+        rel["ts"] = json!("2026-11-26T06:40:00.500000000Z");
+        rel["reason"] = json!("time_wait_end");
+        rel["held_ns"] = Value::Null;
+        rel.as_object_mut().unwrap().remove("origin");
+        records.push(rel);
+        (truth, records)
+    }
+
+    #[test]
+    fn snapshots_match_with_null_hold_times_and_no_owner_for_time_wait() {
+        let (truth, records) = snapshot_fixture();
+        let r = check_lifecycles(&truth, &records, NS);
+        assert!(r.ok(), "{r}");
+        assert!(r.notes.is_empty(), "no hand-off to TIME_WAIT is expected of a snapshot: {r}");
+    }
+
+    #[test]
+    fn snapshot_problems_are_found() {
+        let (truth, mut records) = snapshot_fixture();
+        records[3]["held_ns"] = json!(500_000_000u64); // the client's release
+        records[5]["comm"] = json!(WORKLOAD_COMM); // the TIME_WAIT release
+        records[0]["ts"] = json!("2026-11-26T06:30:00.000000000Z"); // before the socket was made
+        let r = check_lifecycles(&truth, &records, NS);
+        let text = r.to_string();
+        assert_eq!(r.findings.len(), 3, "{text}");
+        assert!(text.contains("held_ns: want null"), "{text}");
+        assert!(text.contains("comm: want \"\" (no process owns it)"), "{text}");
+        assert!(text.contains("before the socket was made"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_bind_must_name_the_address_asked_for() {
+        let mut t = sock(0, "tcp", 20000, None, "bind", false);
+        t.op = "bind_fail".into();
+        t.laddr = "0.0.0.0".into();
+        t.errno = Some("EADDRINUSE".into());
+        t.time_wait = false;
+        let truth = Truth { pid: 42, sockets: vec![t.clone()] };
+        let mut fail = rec("alloc_fail", &t, 0, "2026-11-26T06:40:00.000000000Z");
+        fail["origin"] = json!("bind");
+        fail["errno"] = json!("EADDRINUSE");
+        fail.as_object_mut().unwrap().remove("reason");
+        assert!(check_lifecycles(&truth, std::slice::from_ref(&fail), NS).ok());
+        fail["laddr"] = json!("127.0.0.1");
+        let r = check_lifecycles(&truth, &[fail], NS);
+        assert!(r.to_string().contains("laddr: want \"0.0.0.0\" (asked of bind)"), "{r}");
     }
 
     #[test]

@@ -11,7 +11,12 @@
 //!   process.
 //! - [`run_session`] / [`run_session_with`]: all of the above in order:
 //!   namespace, tracer (until its header), workload, SIGINT (or SIGTERM),
-//!   every line collected.
+//!   every line collected. [`LiveSession`] does the same in steps, for tests
+//!   that act on the namespace while the tracer runs (and read its records
+//!   as they come); [`HeldWorkload`] is a workload that keeps its sockets
+//!   open until told to let go.
+//! - [`ss`]: the namespace's sockets as the kernel lists them (`ss`), and
+//!   `ss -K` to end TIME_WAIT early.
 //! - [`check`]: the exact comparison of the tracer's records with the truth.
 //!
 //! The kernel tests (tests/kernel.rs) and some harness tests need root; see
@@ -21,18 +26,21 @@ pub mod check;
 pub mod netns;
 pub mod procnet;
 pub mod rfc3339;
+pub mod ss;
 pub mod tracer;
 pub mod truth;
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::netns::NetNs;
 use crate::rfc3339::UnixNanos;
@@ -214,6 +222,40 @@ impl Session {
     }
 }
 
+/// The full comparison of a run: the workload did what `scenario` promises
+/// (see [`Truth::scenario_problems`]), then [`assert_report`]. Fails with
+/// the difference table and both sides in full.
+pub fn assert_matches_truth(s: &Session, scenario: &str, report: check::Report, more: Vec<check::Finding>) {
+    let shape = s.truth.scenario_problems(scenario, s.ephemeral_range);
+    assert!(shape.is_empty(), "the workload did not do what `{scenario}` promises: {shape:#?}\n{:#?}", s.truth);
+    assert_report(s, &format!("`{scenario}`"), report, more);
+}
+
+/// Every record matches its truth (`report`, usually from
+/// [`check::check_lifecycles`]), the records keep the contract
+/// ([`check::check_schema`]), the header, exit and summary are right
+/// ([`Session::run_problems`]), plus `more` findings of the test's own.
+/// Fails with the difference table and both sides in full; `what` names the
+/// run in messages.
+pub fn assert_report(s: &Session, what: &str, mut report: check::Report, more: Vec<check::Finding>) {
+    report.findings.extend(check::check_schema(&s.tracer.records, s.netns_inode, s.window()).findings);
+    report.findings.extend(more);
+    let run = s.run_problems();
+    for p in &run {
+        report.notes.push(format!("run: {p}"));
+    }
+    eprintln!("{what} in netns {} (inode {}):\n{report}", s.netns_name, s.netns_inode);
+    assert!(
+        report.ok() && run.is_empty(),
+        "port-trace's records differ from the workload's truth ({what}, netns {}, inode {}):\n{report}\n\
+         header: {}\ntracer stderr:\n{}",
+        s.netns_name,
+        s.netns_inode,
+        s.tracer.header,
+        s.tracer.stderr
+    );
+}
+
 /// `/proc/sys/kernel/osrelease`, trimmed (empty if unreadable).
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
@@ -249,32 +291,223 @@ pub fn run_session(workload: &Path, scenario: &str, ephemeral_range: Option<(u16
 /// [`run_session`] with more control: extra tracer arguments and the stop
 /// signal (see [`SessionOptions`]).
 pub fn run_session_with(workload: &Path, scenario: &str, opts: &SessionOptions) -> Result<Session> {
+    let live = LiveSession::start(opts)?;
+    let truth = run_workload(live.ns(), workload, scenario)?;
+    std::thread::sleep(DRAIN);
+    live.finish(truth)
+}
+
+/// A fresh namespace prepared as `opts` says (its ephemeral range), for a
+/// test that sets things up in it before [`LiveSession::start_in`].
+pub fn prepare_netns(opts: &SessionOptions) -> Result<NetNs> {
     let ns = NetNs::new()?;
     if let Some((lo, hi)) = opts.ephemeral_range {
         ns.sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))?;
     }
-    let range = ns.ephemeral_range()?;
-    let started = rfc3339::unix_nanos(SystemTime::now());
-    let mut args: Vec<OsString> =
-        vec!["watch".into(), "--format".into(), "json".into(), "--netns".into(), ns.path().into()];
-    args.extend(opts.extra_args.iter().cloned());
-    args.extend(tracer_extra_args());
-    let tracer = Tracer::start(&tracer_bin(), &args, HEADER_TIMEOUT)?;
-    let truth = run_workload(&ns, workload, scenario)?;
-    std::thread::sleep(DRAIN);
-    let out = match opts.stop_signal {
-        libc::SIGINT => tracer.stop(STOP_TIMEOUT)?,
-        libc::SIGTERM => tracer.terminate(STOP_TIMEOUT)?,
-        other => bail!("run_session_with: stop signal {other} is not SIGINT or SIGTERM"),
-    };
-    let ended = rfc3339::unix_nanos(SystemTime::now());
-    Ok(Session {
-        netns_name: ns.name().to_owned(),
-        netns_inode: ns.inode(),
-        ephemeral_range: range,
-        truth,
-        tracer: out,
-        started,
-        ended,
-    })
+    Ok(ns)
+}
+
+/// A traced session in steps: the tracer runs in its namespace while the
+/// test does what it needs there (workloads, `ss -K`, ...), reading the
+/// tracer's records as they come if it likes ([`Tracer::wait_until`]); then
+/// [`LiveSession::finish`] stops it and makes the [`Session`]. Dropping it
+/// kills the tracer and deletes the namespace.
+pub struct LiveSession {
+    tracer: Option<Tracer>,
+    stopped: Option<(TracerOutput, UnixNanos)>,
+    ephemeral_range: (u16, u16),
+    started: UnixNanos,
+    stop_signal: libc::c_int,
+    // Last: the namespace goes after the tracer.
+    ns: NetNs,
+}
+
+impl LiveSession {
+    /// A fresh namespace ([`prepare_netns`]) with the tracer started in it.
+    pub fn start(opts: &SessionOptions) -> Result<LiveSession> {
+        LiveSession::start_in(prepare_netns(opts)?, opts)
+    }
+
+    /// Starts `port-trace watch --format json --netns PATH` (plus
+    /// `opts.extra_args` and [`tracer_extra_args`]) on `ns` and waits for
+    /// its header.
+    pub fn start_in(ns: NetNs, opts: &SessionOptions) -> Result<LiveSession> {
+        if !matches!(opts.stop_signal, libc::SIGINT | libc::SIGTERM) {
+            bail!("stop signal {} is not SIGINT or SIGTERM", opts.stop_signal);
+        }
+        let ephemeral_range = ns.ephemeral_range()?;
+        let started = rfc3339::unix_nanos(SystemTime::now());
+        let mut args: Vec<OsString> =
+            vec!["watch".into(), "--format".into(), "json".into(), "--netns".into(), ns.path().into()];
+        args.extend(opts.extra_args.iter().cloned());
+        args.extend(tracer_extra_args());
+        let tracer = Tracer::start(&tracer_bin(), &args, HEADER_TIMEOUT)?;
+        Ok(LiveSession {
+            tracer: Some(tracer),
+            stopped: None,
+            ephemeral_range,
+            started,
+            stop_signal: opts.stop_signal,
+            ns,
+        })
+    }
+
+    /// The traced namespace.
+    pub fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+
+    /// The running tracer (see [`Tracer::wait_until`]); `None` once
+    /// stopped.
+    pub fn tracer(&mut self) -> Option<&mut Tracer> {
+        self.tracer.as_mut()
+    }
+
+    /// Stops the tracer now (the stop signal of the options), keeping the
+    /// namespace and what is in it; [`LiveSession::finish`] returns what it
+    /// printed. Does nothing when already stopped.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(tracer) = self.tracer.take() else {
+            return Ok(());
+        };
+        let out = match self.stop_signal {
+            libc::SIGTERM => tracer.terminate(STOP_TIMEOUT)?,
+            _ => tracer.stop(STOP_TIMEOUT)?,
+        };
+        self.stopped = Some((out, rfc3339::unix_nanos(SystemTime::now())));
+        Ok(())
+    }
+
+    /// Stops the tracer (unless [`LiveSession::stop`] did), deletes the
+    /// namespace and returns the session with `truth`.
+    pub fn finish(mut self, truth: Truth) -> Result<Session> {
+        self.stop()?;
+        let (tracer, ended) = self.stopped.take().context("the tracer was stopped but left no output")?;
+        Ok(Session {
+            netns_name: self.ns.name().to_owned(),
+            netns_inode: self.ns.inode(),
+            ephemeral_range: self.ephemeral_range,
+            truth,
+            tracer,
+            started: self.started,
+            ended,
+        })
+    }
+}
+
+/// A workload scenario that keeps its sockets open until told to let go
+/// (`hold`, `churn`): it prints a `{"op":"ready",...}` line once they are
+/// open and then waits for a line on its stdin. Dropping it kills the
+/// process.
+pub struct HeldWorkload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Option<Capture>,
+    /// The `ready` line.
+    pub ready: Value,
+}
+
+impl HeldWorkload {
+    /// Starts `workload scenario` inside `ns` and waits up to `timeout` for
+    /// its `ready` line.
+    pub fn start(ns: &NetNs, workload: &Path, scenario: &str, timeout: Duration) -> Result<HeldWorkload> {
+        let mut child = ns
+            .command(workload)
+            .arg(scenario)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the workload `{scenario}`"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = HeldWorkload {
+            stdin: child.stdin.take(),
+            stderr: child.stderr.take().map(Capture::start),
+            child,
+            lines,
+            stdout: Vec::new(),
+            ready: Value::Null,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match w.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    let v: Option<Value> = serde_json::from_str(&line).ok();
+                    w.stdout.push(line);
+                    if let Some(v) = v.filter(|v| v["op"] == "ready") {
+                        w.ready = v;
+                        return Ok(w);
+                    }
+                }
+                Err(e) => {
+                    let _ = w.child.kill();
+                    let status = w.child.wait();
+                    let why = if e == RecvTimeoutError::Timeout { "in time" } else { "before closing stdout" };
+                    bail!(
+                        "the workload `{scenario}` printed no ready line {why} (exit: {status:?}):\nstdout:\n{}\nstderr:\n{}",
+                        w.stdout.join("\n"),
+                        w.take_stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The process id (the workload's own: `ip netns exec` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends the line that makes the workload close its sockets, waits up
+    /// to [`WORKLOAD_TIMEOUT`] for it to exit and parses its truth; fails
+    /// when it exits non-zero.
+    pub fn release(mut self) -> Result<Truth> {
+        if let Some(mut stdin) = self.stdin.take() {
+            stdin.write_all(b"go\n").context("writing to the workload's stdin")?;
+        }
+        let deadline = Instant::now() + WORKLOAD_TIMEOUT;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.stdout.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    bail!("the workload did not finish within {WORKLOAD_TIMEOUT:?} after its release (killed)");
+                }
+            }
+        }
+        let status = self.child.wait().context("waiting for the workload")?;
+        let stdout = self.stdout.join("\n");
+        if !status.success() {
+            bail!("the workload failed ({status}):\nstderr:\n{}\nstdout:\n{stdout}", self.take_stderr());
+        }
+        Truth::parse(&stdout).with_context(|| format!("workload output:\n{stdout}"))
+    }
+
+    fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|c| String::from_utf8_lossy(&c.finish(Duration::from_secs(2))).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HeldWorkload {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -42,6 +42,10 @@ pub struct Tracer {
     child: Option<Child>,
     lines: Receiver<Line>,
     seen: Vec<Line>,
+    /// The JSON records among `seen` after the header, parsed by
+    /// [`Tracer::wait_until`] (lines that are not JSON are left out here;
+    /// stopping reports them).
+    live: Vec<Value>,
     stderr: Option<Capture>,
     format: Format,
     spawned: Instant,
@@ -125,6 +129,7 @@ impl Tracer {
             child: Some(child),
             lines,
             seen: Vec::new(),
+            live: Vec::new(),
             stderr: Some(stderr),
             format,
             spawned,
@@ -158,6 +163,37 @@ impl Tracer {
     /// The first stdout line (the header), as written.
     pub fn first_line(&self) -> &str {
         self.seen.first().map_or("", |l| l.text.as_str())
+    }
+
+    /// Reads lines as they come until `done` holds for the records so far
+    /// (the header excluded, in order) or `timeout` has passed; returns
+    /// whether `done` held. The records stay part of what stopping returns.
+    /// JSON mode only (in text mode nothing is parsed and `done` sees none).
+    pub fn wait_until(&mut self, timeout: Duration, mut done: impl FnMut(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.live) {
+                return true;
+            }
+            let first = match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => l,
+                Err(_) => return done(&self.live),
+            };
+            // Everything already there, before asking `done` again.
+            for l in std::iter::once(first).chain(std::iter::from_fn(|| self.lines.try_recv().ok())) {
+                if self.format == Format::Json {
+                    if let Ok(v) = serde_json::from_str::<Value>(&l.text) {
+                        self.live.push(v);
+                    }
+                }
+                self.seen.push(l);
+            }
+        }
+    }
+
+    /// The records [`Tracer::wait_until`] has read so far (header excluded).
+    pub fn records_so_far(&self) -> &[Value] {
+        &self.live
     }
 
     /// The process id.

@@ -119,7 +119,9 @@ pub struct Truth {
 
 impl Truth {
     /// Parses the workload's stdout: one JSON object per line, the last one
-    /// `{"op":"done","pid":N}`; every socket line must carry that pid.
+    /// `{"op":"done","pid":N}`; every socket line must carry that pid. The
+    /// `{"op":"ready",...}` line of a scenario that holds its sockets (see
+    /// [`crate::HeldWorkload`]) is not a socket and is skipped.
     pub fn parse(stdout: &str) -> Result<Truth> {
         let mut sockets = Vec::new();
         let mut done_pid = None;
@@ -129,6 +131,9 @@ impl Truth {
             }
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("workload line {} is not JSON: {line}", i + 1))?;
+            if v["op"] == "ready" {
+                continue;
+            }
             if v["op"] == "done" {
                 let pid = v["pid"].as_u64().context("`done` without a pid")?;
                 done_pid = Some(u32::try_from(pid)?);
@@ -300,6 +305,60 @@ pub const UDP_SENDTO_STEPS: [StepWant; 2] = [
     StepWant { step: "h:udp-sendto-autobind", op: "autobind", proto: "udp", origin: "autobind", count: 1 },
 ];
 
+/// The steps of the `time-wait` scenario.
+pub const TIME_WAIT_STEPS: [StepWant; 2] = [
+    StepWant { step: "t:listener", op: "listen", proto: "tcp", origin: "bind", count: 1 },
+    StepWant { step: "t:client-closes-first", op: "connect", proto: "tcp", origin: "connect", count: 1 },
+];
+
+/// The steps of the `hold` scenario: sockets that exist before the tracer
+/// starts, so their origin is `snapshot`.
+pub const HOLD_STEPS: [StepWant; 3] = [
+    StepWant { step: "s:listener", op: "listen", proto: "tcp", origin: "snapshot", count: 1 },
+    StepWant { step: "s:client", op: "connect", proto: "tcp", origin: "snapshot", count: 1 },
+    StepWant { step: "s:udp", op: "bind", proto: "udp", origin: "snapshot", count: 1 },
+];
+
+/// The steps of the `connect-storm` scenario for an ephemeral range of
+/// `size` ports: every port taken by a client, [`STORM_EXTRA`] connects
+/// refused for want of a port, and the UDP socket whose port a second bind
+/// asks for. (The refused binds, `z:bind-in-use` and `z:udp-bind-in-use`,
+/// are checked by [`Truth::connect_storm_problems`].)
+pub fn connect_storm_steps(size: usize) -> [StepWant; 4] {
+    [
+        StepWant { step: "y:listener", op: "listen", proto: "tcp", origin: "bind", count: 1 },
+        StepWant { step: "y:client", op: "connect", proto: "tcp", origin: "connect", count: size },
+        StepWant {
+            step: "y:connect-exhausted",
+            op: "connect_fail",
+            proto: "tcp",
+            origin: "connect",
+            count: STORM_EXTRA,
+        },
+        StepWant { step: "z:udp-holder", op: "bind", proto: "udp", origin: "bind", count: 1 },
+    ]
+}
+
+/// How many more connects than the ephemeral range has ports
+/// `connect-storm` makes per family (each must get EADDRNOTAVAIL).
+pub const STORM_EXTRA: usize = 10;
+
+/// UDP sockets per family of the `crowd` scenario.
+pub const CROWD: usize = 50;
+
+/// The known set of the `churn` scenario (per family), open across the
+/// burst.
+pub const CHURN_STEPS: [StepWant; 4] = [
+    StepWant { step: "k:listener", op: "listen", proto: "tcp", origin: "bind", count: 1 },
+    StepWant { step: "k:client", op: "connect", proto: "tcp", origin: "connect", count: 2 },
+    StepWant { step: "k:udp-bound", op: "bind", proto: "udp", origin: "bind", count: 2 },
+    StepWant { step: "k:udp-connect", op: "connect", proto: "udp", origin: "connect", count: 1 },
+];
+
+/// The sockets of the `crowd` scenario (per family).
+pub const CROWD_STEPS: [StepWant; 1] =
+    [StepWant { step: "c:udp", op: "bind", proto: "udp", origin: "snapshot", count: CROWD }];
+
 impl Truth {
     /// Checks that `scenario` really did what `port-workload` promises for
     /// it, with ephemeral ports inside `range`; returns the problems found.
@@ -309,8 +368,119 @@ impl Truth {
             "failures" => self.failures_problems(range),
             "listen-unbound" => self.listen_unbound_problems(range),
             "udp-sendto" => self.udp_sendto_problems(range),
+            "time-wait" => self.time_wait_problems(range),
+            "hold" => self.hold_problems(range),
+            "connect-storm" => self.connect_storm_problems(range),
+            "churn" => self.steps_problems(&CHURN_STEPS, range),
+            "crowd" => self.steps_problems(&CROWD_STEPS, range),
             other => vec![format!("unknown scenario {other:?}")],
         }
+    }
+
+    /// The `time-wait` scenario: per family a released listener and a
+    /// client the kernel holds in TIME_WAIT (connected to it, port in
+    /// `range`). `steps_problems` would call the client's port not given
+    /// back, so the shape is checked here.
+    pub fn time_wait_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let mut p = self.without(|s| s.time_wait).steps_problems(&TIME_WAIT_STEPS[..1], range);
+        for family in ["ipv4", "ipv6"] {
+            let (listener, clients) = (self.step(family, "t:listener"), self.step(family, "t:client-closes-first"));
+            match (listener.as_slice(), clients.as_slice()) {
+                ([l], [c]) => {
+                    let checks = [
+                        (c.time_wait && !c.expect_release, "not held in TIME_WAIT"),
+                        (c.origin == "connect" && c.ephemeral, "not an ephemeral connect"),
+                        ((range.0..=range.1).contains(&c.lport), "port outside the range"),
+                        (
+                            c.raddr.as_deref() == Some(l.laddr.as_str()) && c.rport == Some(l.lport),
+                            "not to the listener",
+                        ),
+                    ];
+                    for (ok, what) in checks {
+                        if !ok {
+                            p.push(format!("{}: {what}", c.label()));
+                        }
+                    }
+                }
+                _ => p.push(format!(
+                    "{family}: want one listener and one client, got {} and {}",
+                    listener.len(),
+                    clients.len()
+                )),
+            }
+        }
+        p
+    }
+
+    /// The `hold` scenario: per family a listener and a UDP socket on
+    /// chosen ports outside `range` (estimated not ephemeral) and a client
+    /// of the listener on a port inside it (estimated ephemeral), all
+    /// released by the end.
+    pub fn hold_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let mut p = self.steps_problems(&HOLD_STEPS, range);
+        for family in ["ipv4", "ipv6"] {
+            if let (Some(l), Some(c)) = (self.step(family, "s:listener").first(), self.step(family, "s:client").first())
+            {
+                if c.raddr.as_deref() != Some(l.laddr.as_str()) || c.rport != Some(l.lport) {
+                    p.push(format!("{}: not connected to the listener", c.label()));
+                }
+            }
+        }
+        p
+    }
+
+    /// The `connect-storm` scenario: every port of `range` held towards one
+    /// listener per family, [`STORM_EXTRA`] connects that really got
+    /// EADDRNOTAVAIL towards it, and binds that really got EADDRINUSE: of a
+    /// TCP socket to the listener's address and port and to the wildcard
+    /// address and that port, of a UDP socket to the UDP holder's.
+    pub fn connect_storm_problems(&self, range: (u16, u16)) -> Vec<String> {
+        let size = usize::from(range.1.saturating_sub(range.0)) + 1;
+        let mut p = self.steps_problems(&connect_storm_steps(size), range);
+        for family in ["ipv4", "ipv6"] {
+            let (Some(listener), Some(udp)) =
+                (self.step(family, "y:listener").first().copied(), self.step(family, "z:udp-holder").first().copied())
+            else {
+                continue;
+            };
+            let target = (Some(listener.laddr.as_str()), Some(listener.lport));
+            let mut ports: Vec<u16> = self.step(family, "y:client").iter().map(|s| s.lport).collect();
+            ports.sort_unstable();
+            if ports != (range.0..=range.1).collect::<Vec<u16>>() {
+                p.push(format!("{family} y:client: ports {ports:?} do not cover the whole range {range:?}"));
+            }
+            for s in self.step(family, "y:connect-exhausted") {
+                if s.errno.as_deref() != Some("EADDRNOTAVAIL")
+                    || s.lport != 0
+                    || (s.raddr.as_deref(), s.rport) != target
+                {
+                    p.push(format!("{}: errno {:?}, to {:?}:{:?}", s.label(), s.errno, s.raddr, s.rport));
+                }
+            }
+            let refused = |step: &str| -> Vec<&TruthSocket> {
+                self.sockets.iter().filter(|s| s.family == family && s.step == step && s.op == "bind_fail").collect()
+            };
+            let wildcard = if family == "ipv4" { "0.0.0.0" } else { "::" };
+            let mut tcp: Vec<(&str, u16)> =
+                refused("z:bind-in-use").iter().map(|s| (s.laddr.as_str(), s.lport)).collect();
+            tcp.sort_unstable();
+            let mut want = vec![(listener.laddr.as_str(), listener.lport), (wildcard, listener.lport)];
+            want.sort_unstable();
+            if tcp != want {
+                p.push(format!("{family} z:bind-in-use: refused binds {tcp:?}, want {want:?}"));
+            }
+            let udp_refused: Vec<(&str, u16)> =
+                refused("z:udp-bind-in-use").iter().map(|s| (s.laddr.as_str(), s.lport)).collect();
+            if udp_refused != [(udp.laddr.as_str(), udp.lport)] {
+                p.push(format!("{family} z:udp-bind-in-use: refused binds {udp_refused:?}, want {}", udp.label()));
+            }
+            for s in refused("z:bind-in-use").into_iter().chain(refused("z:udp-bind-in-use")) {
+                if s.errno.as_deref() != Some("EADDRINUSE") {
+                    p.push(format!("{}: errno {:?}, want EADDRINUSE", s.label(), s.errno));
+                }
+            }
+        }
+        p
     }
 
     /// The sockets of one step and family, in allocation order.

@@ -9,8 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use port_trace_integration::netns::NetNs;
+use port_trace_integration::ss;
 use port_trace_integration::tracer::Tracer;
-use port_trace_integration::{require_root, run_workload};
+use port_trace_integration::{require_root, run_workload, HeldWorkload};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_port-workload");
 
@@ -84,9 +85,18 @@ fn workload_scenarios_do_what_they_promise() {
     if !require_root("workload_scenarios_do_what_they_promise") {
         return;
     }
-    for (scenario, range) in
-        [("failures", "40000 40001"), ("listen-unbound", "40000 49999"), ("udp-sendto", "40000 49999")]
-    {
+    // The holding scenarios (hold, churn, crowd) read EOF on stdin at once
+    // and close what they hold right after their ready line.
+    for (scenario, range) in [
+        ("failures", "40000 40001"),
+        ("listen-unbound", "40000 49999"),
+        ("udp-sendto", "40000 49999"),
+        ("time-wait", "40000 49999"),
+        ("hold", "40000 49999"),
+        ("connect-storm", "40000 40019"),
+        ("churn", "40000 49999"),
+        ("crowd", "40000 49999"),
+    ] {
         let ns = NetNs::new().unwrap();
         ns.sysctl("net.ipv4.ip_local_port_range", range).unwrap();
         let range = ns.ephemeral_range().unwrap();
@@ -108,6 +118,39 @@ fn failures_scenario_refuses_a_large_range() {
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 49999").unwrap();
     let err = run_workload(&ns, Path::new(WORKLOAD), "failures").expect_err("must refuse");
     assert!(format!("{err:#}").contains("too large to exhaust"), "{err:#}");
+}
+
+/// A held workload keeps its sockets until released: after its ready line
+/// the kernel (`ss`, cookies included) lists exactly the sockets it
+/// announced plus the accepted children, and after the release none; its
+/// truth then says what `hold` promises.
+#[test]
+fn held_workload_holds_until_released() {
+    if !require_root("held_workload_holds_until_released") {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 49999").unwrap();
+    let held = HeldWorkload::start(&ns, Path::new(WORKLOAD), "hold", Duration::from_secs(20)).unwrap();
+    assert_eq!(held.ready["pid"].as_u64(), Some(u64::from(held.pid())), "{}", held.ready);
+    let listed = ss::list(&ns).unwrap();
+    let mut announced: Vec<(String, String)> = held.ready["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["proto"].as_str().unwrap().to_owned(), v["lport"].to_string()))
+        .collect();
+    announced.sort();
+    let mut holders: Vec<(String, String)> =
+        ss::port_holders(&listed).iter().map(|s| (s.proto.clone(), s.local.port().to_string())).collect();
+    holders.sort();
+    assert_eq!(announced, holders, "ss:\n{listed:#?}");
+    assert_eq!(listed.len(), 8, "3 sockets and an accepted child per family: {listed:#?}");
+    assert!(listed.iter().all(|s| s.cookie.is_some()), "{listed:#?}");
+    let truth = held.release().unwrap();
+    assert!(truth.hold_problems((40000, 49999)).is_empty(), "{:#?}", truth.hold_problems((40000, 49999)));
+    let left: Vec<_> = ss::list(&ns).unwrap().into_iter().filter(|s| s.state != "TIME-WAIT").collect();
+    assert!(left.is_empty(), "still open after the release: {left:#?}");
 }
 
 #[test]
@@ -158,6 +201,32 @@ fn tracer_is_stopped_with_sigint_and_every_line_collected() {
     assert!(out.status.success());
     assert_eq!(out.records.len(), 2, "{}", out.dump());
     assert!(out.exit_problems().is_empty(), "{:?}", out.exit_problems());
+}
+
+/// Reading records as they come: `wait_until` returns once its condition
+/// holds (not before the record is there, not long after), says false on a
+/// timeout, and what it read is still part of the output at the end.
+#[test]
+fn tracer_records_can_be_awaited_as_they_come() {
+    let script = r#"
+        trap 'echo "{\"type\":\"summary\"}"; exit 0' INT
+        echo '{"type":"header","schema":1}'
+        echo '{"type":"alloc","lport":1}'
+        sleep 0.3
+        echo '{"type":"release","lport":1}'
+        while :; do sleep 0.05; done"#;
+    let mut t = Tracer::start(Path::new("/bin/sh"), &sh(script), Duration::from_secs(5)).unwrap();
+    let t0 = Instant::now();
+    assert!(t.wait_until(Duration::from_secs(5), |r| r.iter().any(|v| v["type"] == "release")));
+    let waited = t0.elapsed();
+    assert!((Duration::from_millis(200)..Duration::from_secs(2)).contains(&waited), "waited {waited:?}");
+    assert_eq!(t.records_so_far().len(), 2);
+    let t0 = Instant::now();
+    assert!(!t.wait_until(Duration::from_millis(200), |r| r.len() > 2));
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    let out = t.stop(Duration::from_secs(5)).unwrap();
+    let types: Vec<&str> = out.records.iter().map(|v| v["type"].as_str().unwrap_or("?")).collect();
+    assert_eq!(types, ["alloc", "release", "summary"], "{}", out.dump());
 }
 
 #[test]

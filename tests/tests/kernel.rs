@@ -13,8 +13,10 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use port_trace_integration::check::{self, Finding, Report, Transition};
-use port_trace_integration::{require_root, run_session, run_session_with, tracer_bin, Session, SessionOptions};
+use port_trace_integration::check::{self, Finding, Transition};
+use port_trace_integration::{
+    assert_matches_truth, require_root, run_session, run_session_with, tracer_bin, Session, SessionOptions,
+};
 use serde_json::Value;
 
 /// The traced namespace's `ip_local_port_range`.
@@ -55,32 +57,6 @@ fn own_session(test: &str, scenario: &str, range: (u16, u16), extra_args: &[&str
         Ok(s) => Some(s),
         Err(e) => panic!("the traced run of {} with `{scenario}` failed: {e:#}", tracer_bin().display()),
     }
-}
-
-/// The full comparison of a run: the workload did what `scenario` promises,
-/// every record matches its truth exactly (see `check_lifecycles`), the
-/// records keep the contract (`check_schema`), the header, exit and summary
-/// are right (`run_problems`), plus `more` findings of the test's own.
-/// Fails with the difference table and both sides in full.
-fn assert_matches_truth(s: &Session, scenario: &str, mut report: Report, more: Vec<Finding>) {
-    let shape = s.truth.scenario_problems(scenario, s.ephemeral_range);
-    assert!(shape.is_empty(), "the workload did not do what `{scenario}` promises: {shape:#?}\n{:#?}", s.truth);
-    report.findings.extend(check::check_schema(&s.tracer.records, s.netns_inode, s.window()).findings);
-    report.findings.extend(more);
-    let run = s.run_problems();
-    for p in &run {
-        report.notes.push(format!("run: {p}"));
-    }
-    eprintln!("`{scenario}` in netns {} (inode {}):\n{report}", s.netns_name, s.netns_inode);
-    assert!(
-        report.ok() && run.is_empty(),
-        "port-trace's records differ from the workload's truth (`{scenario}`, netns {}, inode {}):\n{report}\n\
-         header: {}\ntracer stderr:\n{}",
-        s.netns_name,
-        s.netns_inode,
-        s.tracer.header,
-        s.tracer.stderr
-    );
 }
 
 #[test]
@@ -245,4 +221,43 @@ fn udp_sendto_autobind_is_an_allocation() {
     assert!(autobound == 2, "the workload autobound {autobound} sockets; `udp-sendto` makes one per family");
     let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
     assert_matches_truth(&s, "udp-sendto", report, Vec::new());
+}
+
+/// UDP `connect()` on an unbound socket: the kernel autobinds it
+/// (`ip4_datagram_connect` / `ip6_datagram_connect`), which the tracer must
+/// report as an alloc with origin `connect`, the destination and the port
+/// getsockname saw, released on close. The shared `basic` run does it once
+/// per family (step `f:udp-connect`); this test holds those two sockets to
+/// account on their own.
+#[test]
+fn udp_connect_is_an_allocation() {
+    let Some(s) = session("udp_connect_is_an_allocation") else {
+        return;
+    };
+    let step = "f:udp-connect";
+    let mine: Vec<_> = s.truth.allocations().into_iter().filter(|t| t.step == step).collect();
+    let families: Vec<&str> = mine.iter().map(|t| t.family.as_str()).collect();
+    assert!(
+        families == ["ipv4", "ipv6"]
+            && mine.iter().all(|t| t.proto == "udp" && t.origin == "connect" && t.rport.is_some()),
+        "the workload's UDP connects: {mine:#?}"
+    );
+    let report = check::check_lifecycles(&s.truth, &s.tracer.records, s.netns_inode);
+    let about_them: Vec<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.subject.contains(step))
+        .map(|f| format!("{} {} {}: {}", f.kind, f.record, f.subject, f.detail))
+        .collect();
+    let extra_udp: Vec<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == check::Kind::Extra && f.detail.contains("\"proto\":\"udp\""))
+        .map(|f| format!("{} {} {}: {}", f.kind, f.record, f.subject, f.detail))
+        .collect();
+    assert!(
+        about_them.is_empty() && extra_udp.is_empty(),
+        "UDP connect autobinds:\n  {}\n{report}",
+        about_them.iter().chain(&extra_udp).cloned().collect::<Vec<_>>().join("\n  ")
+    );
 }

@@ -43,11 +43,54 @@
 //! - `udp-sendto`: for 127.0.0.1 and then ::1: a UDP receiver on `bind(0)`,
 //!   and a never-bound UDP socket that `sendto()`s it, so the kernel
 //!   autobinds it (origin `autobind`, ephemeral); both close.
+//! - `time-wait`: for 127.0.0.1 and then ::1: a TCP listener on `bind(0)`
+//!   (origin `bind`, ephemeral) and a client that `connect()`s to it and
+//!   closes first (origin `connect`, ephemeral), so that the kernel keeps
+//!   its port in TIME_WAIT after the workload has exited; the listener
+//!   closes (released).
+//! - `hold`: sockets for a tracer to find when it starts, for 127.0.0.1 and
+//!   then ::1: a TCP listener on a chosen port outside the ephemeral range,
+//!   a client connected to it (the accepted child is kept open too) and a
+//!   UDP socket on a chosen port. Their origin is `snapshot` (they exist
+//!   before the tracer), `ephemeral` as port-trace estimates it (true only
+//!   for the connected client, whose port is in the range). Then one line
+//!   `{"op":"ready","pid":N,"sockets":[{"proto","family","laddr","lport"},
+//!   ...]}`, and the workload waits for a line on stdin (or EOF). Then the
+//!   accepted child closes first, so that the client reads EOF and frees its
+//!   port (LAST_ACK -> CLOSE), and the listener and the UDP socket close.
+//! - `connect-storm`: for 127.0.0.1 and then ::1, with an ephemeral range of
+//!   at most 64 ports (e.g. 40000-40019): a TCP listener on a chosen port,
+//!   then [`STORM_EXTRA`] more `connect()` attempts than the range has ports,
+//!   from fresh unbound sockets, keeping every connection open; each attempt
+//!   that gets EADDRNOTAVAIL is a `connect_fail` (no port). While the
+//!   listener holds its port, `bind()`s of another TCP socket to the
+//!   listener's address and port and to the wildcard address and that port
+//!   must fail with EADDRINUSE (`bind_fail`, step `z:bind-in-use`); a UDP
+//!   socket on a chosen port, and a second UDP socket's `bind()` to the same
+//!   address and port, likewise (`z:udp-bind-in-use`). Then every connection
+//!   closes server side first (no client port left in TIME_WAIT).
+//! - `churn`: for 127.0.0.1 and then ::1 a known set is opened first: a TCP
+//!   listener on a chosen port, two clients connected to it (children kept),
+//!   two UDP sockets on `bind(0)` and one UDP socket `connect()`ed to one of
+//!   them. Then a burst on 127.0.0.1: up to [`BURST_UDP`] UDP sockets on
+//!   `bind(0)`, closed at once but for every [`BURST_KEEP_EVERY`]th (the
+//!   stragglers, kept open), and up to [`BURST_TCP`] TCP connections to the
+//!   listener, accepted, then aborted on both sides (`SO_LINGER` 0: RST, no
+//!   TIME_WAIT), for at most [`BURST_MAX`]. Then one line
+//!   `{"op":"ready","pid":N,"burst":{"udp":N,"tcp":N,"started":T,"ended":T,
+//!   "kept":[{"proto","family","laddr","lport"},...]}}`, and the workload
+//!   waits for a line on stdin (or EOF) before closing the stragglers and the
+//!   known set (TCP server side first); only the known set has truth lines.
+//! - `crowd`: [`CROWD`] UDP sockets per family (127.0.0.1, then ::1), each on
+//!   a chosen port outside the ephemeral range (origin `snapshot`, not
+//!   ephemeral, for a tracer started later), then one line
+//!   `{"op":"ready","pid":N,"sockets":[...]}` as for `hold`; they close on a
+//!   line on stdin (or EOF).
 //!
 //! Every failed call's errno is checked: anything but the one the step
 //! needs exits 1.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
@@ -55,8 +98,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context, Result};
 use port_trace_integration::procnet::{self, tcp_state_name, Entry, Proto};
 use port_trace_integration::rfc3339;
-use port_trace_integration::truth::TruthSocket;
-use socket2::{Domain, Protocol, Socket, Type};
+use port_trace_integration::truth::{TruthSocket, CROWD, STORM_EXTRA};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// How long to wait for the kernel to settle a socket after a close.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -77,8 +120,15 @@ fn main() -> ExitCode {
         [s] if s == "failures" => failures,
         [s] if s == "listen-unbound" => listen_unbound,
         [s] if s == "udp-sendto" => udp_sendto,
+        [s] if s == "time-wait" => time_wait,
+        [s] if s == "hold" => hold,
+        [s] if s == "connect-storm" => connect_storm,
+        [s] if s == "churn" => churn,
+        [s] if s == "crowd" => crowd,
         _ => {
-            eprintln!("usage: port-workload basic|failures|listen-unbound|udp-sendto");
+            eprintln!(
+                "usage: port-workload basic|failures|listen-unbound|udp-sendto|time-wait|hold|connect-storm|churn|crowd"
+            );
             return ExitCode::from(2);
         }
     };
@@ -188,14 +238,14 @@ impl Workload {
     }
 
     /// Prints the truth line of a bind the kernel refused.
-    fn bind_failed(&mut self, step: &'static str, want: SocketAddr, err: &io::Error) -> Result<()> {
+    fn bind_failed(&mut self, step: &'static str, proto: Proto, want: SocketAddr, err: &io::Error) -> Result<()> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let t = TruthSocket {
             op: "bind_fail".into(),
             step: step.into(),
             seq,
-            proto: "tcp".into(),
+            proto: proto_name(proto).into(),
             family: family_name(want.ip()).into(),
             laddr: want.ip().to_string(),
             lport: want.port(),
@@ -491,6 +541,352 @@ fn udp_sendto(w: &mut Workload) -> Result<()> {
     Ok(())
 }
 
+/// The `time-wait` scenario (see the crate documentation).
+fn time_wait(w: &mut Workload) -> Result<()> {
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let sock = new_socket(ip, Proto::Tcp)?;
+        sock.bind(&SocketAddr::new(ip, 0).into()).context("t: bind(0)")?;
+        sock.listen(16).context("t: listen")?;
+        let laddr = local_addr(&sock)?;
+        let listener_alloc = w.alloc("t:listener", "listen", Proto::Tcp, laddr, None, "bind", true);
+        let listener: TcpListener = sock.into();
+        expect_listed("t:listener", Proto::Tcp, laddr, None, TCP_LISTEN)?;
+
+        let (client, client_alloc) = tcp_connect(w, "t:client-closes-first", laddr)?;
+        let (mut server, peer) = listener.accept().context("t: accept")?;
+        ensure!(peer == client_alloc.local, "t: accept saw {peer}, getsockname {}", client_alloc.local);
+        expect_listed("t:client", Proto::Tcp, client_alloc.local, Some(laddr), TCP_ESTABLISHED)?;
+        drop(client);
+        server.set_read_timeout(Some(IO_TIMEOUT))?;
+        let n = server.read(&mut [0u8; 16]).context("t: server read")?;
+        ensure!(n == 0, "t: server read {n} bytes, expected EOF");
+        drop(server);
+        let after = settle(Proto::Tcp, client_alloc.local, Some(laddr))?;
+        w.closed(&client_alloc, after, false)?;
+
+        drop(listener);
+        let after = settle(Proto::Tcp, laddr, None)?;
+        w.closed(&listener_alloc, after, true)?;
+    }
+    Ok(())
+}
+
+/// Prints the `ready` line of a scenario that holds its sockets, then waits
+/// for a line on stdin (or EOF).
+fn ready_then_wait(w: &mut Workload, what: serde_json::Value) -> Result<()> {
+    let mut line = serde_json::json!({"op": "ready", "pid": w.pid});
+    if let (Some(obj), serde_json::Value::Object(more)) = (line.as_object_mut(), what) {
+        obj.extend(more);
+    }
+    {
+        let mut out = w.out.lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    io::stdin().lock().read_line(&mut String::new()).context("waiting for a line on stdin")?;
+    Ok(())
+}
+
+/// The `hold` scenario (see the crate documentation).
+fn hold(w: &mut Workload) -> Result<()> {
+    let range = ephemeral_range()?;
+    let mut held = Vec::new();
+    let mut announced = Vec::new();
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let (sock, port) = bind_fixed_port(w, "s:listener", ip, range)?;
+        sock.listen(16).context("s: listen")?;
+        let laddr = local_addr(&sock)?;
+        ensure!(laddr.port() == port, "s: asked for port {port}, getsockname says {laddr}");
+        let listener_alloc = w.alloc("s:listener", "listen", Proto::Tcp, laddr, None, "snapshot", false);
+        let listener: TcpListener = sock.into();
+        expect_listed("s:listener", Proto::Tcp, laddr, None, TCP_LISTEN)?;
+
+        let (client, mut client_alloc) = tcp_connect(w, "s:client", laddr)?;
+        client_alloc.origin = "snapshot";
+        let port = client_alloc.local.port();
+        ensure!((range.0..=range.1).contains(&port), "s: client port {port} outside the ephemeral range {range:?}");
+        let (child, peer) = listener.accept().context("s: accept")?;
+        ensure!(peer == client_alloc.local, "s: accept saw {peer}, getsockname {}", client_alloc.local);
+        expect_listed("s:client", Proto::Tcp, client_alloc.local, Some(laddr), TCP_ESTABLISHED)?;
+
+        let (udp, uport) = bind_fixed(w, "s:udp", ip, Proto::Udp, range)?;
+        let ulocal = local_addr(&udp)?;
+        ensure!(ulocal.port() == uport, "s: asked for UDP port {uport}, getsockname says {ulocal}");
+        let udp_alloc = w.alloc("s:udp", "bind", Proto::Udp, ulocal, None, "snapshot", false);
+        expect_listed("s:udp", Proto::Udp, ulocal, None, UDP_UNCONNECTED)?;
+
+        for a in [&listener_alloc, &client_alloc, &udp_alloc] {
+            announced.push(serde_json::json!({
+                "proto": proto_name(a.proto),
+                "family": family_name(a.local.ip()),
+                "laddr": a.local.ip().to_string(),
+                "lport": a.local.port(),
+            }));
+        }
+        held.push((listener, listener_alloc, client, client_alloc, child, udp, udp_alloc));
+    }
+    ready_then_wait(w, serde_json::json!({ "sockets": announced }))?;
+
+    for (listener, listener_alloc, mut client, client_alloc, child, udp, udp_alloc) in held {
+        // The accepted side closes first: the client reads EOF and closes
+        // last, so its own port is freed (the child's TIME_WAIT shares the
+        // listener's port).
+        drop(child);
+        let n = client.read(&mut [0u8; 16]).context("s: client read")?;
+        ensure!(n == 0, "s: client read {n} bytes, expected EOF");
+        drop(client);
+        let laddr = listener_alloc.local;
+        let after = settle(Proto::Tcp, client_alloc.local, Some(laddr))?;
+        w.closed(&client_alloc, after, true)?;
+        drop(listener);
+        let after = settle(Proto::Tcp, laddr, None)?;
+        w.closed(&listener_alloc, after, true)?;
+        drop(udp);
+        let after = settle(Proto::Udp, udp_alloc.local, None)?;
+        w.closed(&udp_alloc, after, true)?;
+    }
+    Ok(())
+}
+
+/// The `connect-storm` scenario (see the crate documentation).
+fn connect_storm(w: &mut Workload) -> Result<()> {
+    let range = ephemeral_range()?;
+    let size = usize::from(range.1 - range.0) + 1;
+    ensure!(size <= 64, "connect-storm: the ephemeral range {range:?} is too large to exhaust; set e.g. 40000-40019");
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        connect_storm_family(w, ip, range, size).with_context(|| format!("y: {ip}"))?;
+    }
+    Ok(())
+}
+
+fn connect_storm_family(w: &mut Workload, ip: IpAddr, range: (u16, u16), size: usize) -> Result<()> {
+    let (sock, port) = bind_fixed_port(w, "y:listener", ip, range)?;
+    let attempts = size + STORM_EXTRA;
+    sock.listen(i32::try_from(attempts)?).context("listen")?;
+    let laddr = local_addr(&sock)?;
+    ensure!(laddr.port() == port, "asked for port {port}, getsockname says {laddr}");
+    let listener_alloc = w.alloc("y:listener", "listen", Proto::Tcp, laddr, None, "bind", false);
+    let listener: TcpListener = sock.into();
+    expect_listed("y:listener", Proto::Tcp, laddr, None, TCP_LISTEN)?;
+
+    let mut conns = Vec::new();
+    for _ in 0..attempts {
+        let sock = new_socket(ip, Proto::Tcp)?;
+        match sock.connect(&laddr.into()) {
+            Ok(()) => {
+                let local = local_addr(&sock)?;
+                let alloc = w.alloc("y:client", "connect", Proto::Tcp, local, Some(laddr), "connect", true);
+                let client: TcpStream = sock.into();
+                client.set_read_timeout(Some(IO_TIMEOUT))?;
+                let (server, peer) = listener.accept().context("accept")?;
+                ensure!(peer == alloc.local, "accept saw {peer}, getsockname {}", alloc.local);
+                conns.push((client, server, alloc));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                let local = local_addr(&sock)?;
+                w.connect_failed("y:connect-exhausted", local, laddr, &e)?;
+            }
+            Err(e) => bail!("connect to {laddr}: the kernel said {} ({e})", errno_name(&e)),
+        }
+    }
+    let mut used: Vec<u16> = conns.iter().map(|(_, _, a)| a.local.port()).collect();
+    used.sort_unstable();
+    ensure!(used == (range.0..=range.1).collect::<Vec<u16>>(), "client ports {used:?} are not the range {range:?}");
+
+    // Binds that must fail while the listener holds its port: its own
+    // address and the wildcard address.
+    let wildcard = if ip.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    for want in [laddr, SocketAddr::new(wildcard, port)] {
+        expect_bind_in_use(w, "z:bind-in-use", Proto::Tcp, want)?;
+    }
+    let (udp, uport) = bind_fixed(w, "z:udp-holder", ip, Proto::Udp, range)?;
+    let ulocal = local_addr(&udp)?;
+    ensure!(ulocal.port() == uport, "asked for UDP port {uport}, getsockname says {ulocal}");
+    let udp_alloc = w.alloc("z:udp-holder", "bind", Proto::Udp, ulocal, None, "bind", false);
+    expect_listed("z:udp-holder", Proto::Udp, ulocal, None, UDP_UNCONNECTED)?;
+    expect_bind_in_use(w, "z:udp-bind-in-use", Proto::Udp, ulocal)?;
+    drop(udp);
+    let after = settle(Proto::Udp, ulocal, None)?;
+    w.closed(&udp_alloc, after, true)?;
+
+    // The server side closes first, so that the client ports are freed.
+    for (mut client, server, alloc) in conns {
+        drop(server);
+        let n = client.read(&mut [0u8; 16]).context("client read")?;
+        ensure!(n == 0, "client read {n} bytes, expected EOF");
+        drop(client);
+        let after = settle(Proto::Tcp, alloc.local, Some(laddr))?;
+        w.closed(&alloc, after, true)?;
+    }
+    drop(listener);
+    let after = settle(Proto::Tcp, laddr, None)?;
+    w.closed(&listener_alloc, after, true)
+}
+
+/// A `bind()` of a fresh socket to `want`, which another socket holds: it
+/// must fail with EADDRINUSE, reported as a `bind_fail`.
+fn expect_bind_in_use(w: &mut Workload, step: &'static str, proto: Proto, want: SocketAddr) -> Result<()> {
+    let sock = new_socket(want.ip(), proto)?;
+    match sock.bind(&want.into()) {
+        Ok(()) => bail!("{step}: bind {want} succeeded although the port is held"),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => w.bind_failed(step, proto, want, &e),
+        Err(e) => bail!("{step}: bind {want}: want EADDRINUSE, the kernel said {} ({e})", errno_name(&e)),
+    }
+}
+
+/// UDP sockets the `churn` burst opens and closes, at most.
+const BURST_UDP: usize = 3000;
+/// TCP connections the `churn` burst makes and aborts, at most.
+const BURST_TCP: usize = 500;
+/// Every how many UDP sockets of the `churn` burst one stays open (10 of
+/// 3000: with the known set, fewer sockets than a 4 KiB ring buffer holds
+/// walk events, see the `crowd` scenario for more).
+const BURST_KEEP_EVERY: usize = 300;
+/// How long the `churn` burst may take.
+const BURST_MAX: Duration = Duration::from_secs(3);
+
+/// The `churn` scenario (see the crate documentation).
+fn churn(w: &mut Workload) -> Result<()> {
+    let range = ephemeral_range()?;
+    let mut known = Vec::new();
+    let mut burst_listener = None;
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let (sock, port) = bind_fixed_port(w, "k:listener", ip, range)?;
+        sock.listen(128).context("k: listen")?;
+        let laddr = local_addr(&sock)?;
+        ensure!(laddr.port() == port, "k: asked for port {port}, getsockname says {laddr}");
+        let listener_alloc = w.alloc("k:listener", "listen", Proto::Tcp, laddr, None, "bind", false);
+        let listener: TcpListener = sock.into();
+        expect_listed("k:listener", Proto::Tcp, laddr, None, TCP_LISTEN)?;
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (client, alloc) = tcp_connect(w, "k:client", laddr)?;
+            let (child, peer) = listener.accept().context("k: accept")?;
+            ensure!(peer == alloc.local, "k: accept saw {peer}, getsockname {}", alloc.local);
+            expect_listed("k:client", Proto::Tcp, alloc.local, Some(laddr), TCP_ESTABLISHED)?;
+            clients.push((client, child, alloc));
+        }
+        let mut udps = Vec::new();
+        for _ in 0..2 {
+            udps.push(udp_bind0(w, ip, "k:udp-bound", "bind")?);
+        }
+        let to = udps[0].1.local;
+        let sock = new_socket(ip, Proto::Udp)?;
+        sock.connect(&to.into()).context("k: UDP connect")?;
+        let local = local_addr(&sock)?;
+        let connected = w.alloc("k:udp-connect", "connect", Proto::Udp, local, Some(to), "connect", true);
+        expect_listed("k:udp-connect", Proto::Udp, local, Some(to), UDP_CONNECTED)?;
+        udps.push((sock.into(), connected));
+        if ip.is_ipv4() {
+            burst_listener = Some((listener.try_clone()?, laddr));
+        }
+        known.push((listener, listener_alloc, clients, udps));
+    }
+
+    let (listener, to) = burst_listener.context("no IPv4 listener")?;
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    let (mut udp_n, mut tcp_n) = (0, 0);
+    let mut kept = Vec::new();
+    let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    while (udp_n < BURST_UDP || tcp_n < BURST_TCP) && t0.elapsed() < BURST_MAX {
+        for _ in 0..BURST_UDP.div_ceil(BURST_TCP) {
+            if udp_n < BURST_UDP {
+                let s = new_socket(v4, Proto::Udp)?;
+                s.bind(&SocketAddr::new(v4, 0).into()).context("burst: UDP bind(0)")?;
+                if udp_n % BURST_KEEP_EVERY == 0 {
+                    kept.push(s);
+                }
+                udp_n += 1;
+            }
+        }
+        if tcp_n < BURST_TCP {
+            let s = new_socket(v4, Proto::Tcp)?;
+            s.connect(&to.into()).context("burst: connect")?;
+            let (child, _) = listener.accept().context("burst: accept")?;
+            // Abort both ends: RST, no FIN exchange, no TIME_WAIT.
+            s.set_linger(Some(Duration::ZERO))?;
+            SockRef::from(&child).set_linger(Some(Duration::ZERO))?;
+            drop(s);
+            drop(child);
+            tcp_n += 1;
+        }
+    }
+    let ended = SystemTime::now();
+    drop(listener);
+    let burst = serde_json::json!({
+        "udp": udp_n,
+        "tcp": tcp_n,
+        "started": rfc3339::format(started),
+        "ended": rfc3339::format(ended),
+        "kept": kept
+            .iter()
+            .map(|s| {
+                let a = local_addr(s)?;
+                Ok(serde_json::json!({
+                    "proto": "udp",
+                    "family": family_name(a.ip()),
+                    "laddr": a.ip().to_string(),
+                    "lport": a.port(),
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    });
+    ready_then_wait(w, serde_json::json!({ "burst": burst }))?;
+    drop(kept);
+
+    for (listener, listener_alloc, clients, udps) in known {
+        let laddr = listener_alloc.local;
+        for (mut client, child, alloc) in clients {
+            drop(child);
+            let n = client.read(&mut [0u8; 16]).context("k: client read")?;
+            ensure!(n == 0, "k: client read {n} bytes, expected EOF");
+            drop(client);
+            let after = settle(Proto::Tcp, alloc.local, Some(laddr))?;
+            w.closed(&alloc, after, true)?;
+        }
+        for (sock, alloc) in udps.into_iter().rev() {
+            drop(sock);
+            let after = settle(Proto::Udp, alloc.local, alloc.remote)?;
+            w.closed(&alloc, after, true)?;
+        }
+        drop(listener);
+        let after = settle(Proto::Tcp, laddr, None)?;
+        w.closed(&listener_alloc, after, true)?;
+    }
+    Ok(())
+}
+
+/// The `crowd` scenario (see the crate documentation).
+fn crowd(w: &mut Workload) -> Result<()> {
+    let range = ephemeral_range()?;
+    let mut held = Vec::new();
+    let mut announced = Vec::new();
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        for _ in 0..CROWD {
+            let (sock, port) = bind_fixed(w, "c:udp", ip, Proto::Udp, range)?;
+            let local = local_addr(&sock)?;
+            ensure!(local.port() == port, "c: asked for UDP port {port}, getsockname says {local}");
+            let alloc = w.alloc("c:udp", "bind", Proto::Udp, local, None, "snapshot", false);
+            expect_listed("c:udp", Proto::Udp, local, None, UDP_UNCONNECTED)?;
+            announced.push(serde_json::json!({
+                "proto": "udp",
+                "family": family_name(ip),
+                "laddr": local.ip().to_string(),
+                "lport": port,
+            }));
+            held.push((sock, alloc));
+        }
+    }
+    ready_then_wait(w, serde_json::json!({ "sockets": announced }))?;
+    for (sock, alloc) in held {
+        drop(sock);
+        let after = settle(Proto::Udp, alloc.local, None)?;
+        w.closed(&alloc, after, true)?;
+    }
+    Ok(())
+}
+
 /// A TCP or UDP socket of the family of `ip` (IPv6 ones `IPV6_V6ONLY`).
 fn new_socket(ip: IpAddr, proto: Proto) -> Result<Socket> {
     let (ty, p) = match proto {
@@ -536,13 +932,24 @@ fn udp_bind0(w: &mut Workload, ip: IpAddr, step: &'static str, op: &'static str)
 /// Binds a TCP socket to the first free port of 20000..=30000 that lies
 /// outside the ephemeral range, reporting every refused attempt.
 fn bind_fixed_port(w: &mut Workload, step: &'static str, ip: IpAddr, range: (u16, u16)) -> Result<(Socket, u16)> {
+    bind_fixed(w, step, ip, Proto::Tcp, range)
+}
+
+/// [`bind_fixed_port`] for either protocol.
+fn bind_fixed(
+    w: &mut Workload,
+    step: &'static str,
+    ip: IpAddr,
+    proto: Proto,
+    range: (u16, u16),
+) -> Result<(Socket, u16)> {
     let candidates = (20000..=30000).chain(1024..range.0).filter(|p| !(range.0..=range.1).contains(p));
     for port in candidates {
-        let sock = new_socket(ip, Proto::Tcp)?;
+        let sock = new_socket(ip, proto)?;
         let want = SocketAddr::new(ip, port);
         match sock.bind(&want.into()) {
             Ok(()) => return Ok((sock, port)),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => w.bind_failed(step, want, &e)?,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => w.bind_failed(step, proto, want, &e)?,
             Err(e) => return Err(e).with_context(|| format!("{step}: bind {want}")),
         }
     }
