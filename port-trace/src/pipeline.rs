@@ -35,6 +35,12 @@ impl Pipeline {
     /// produces through the filter to `sink`.
     pub fn end_walk<E>(&mut self, ts_ns: u64, mut sink: impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
         self.tracker.end_walk(ts_ns, &mut self.scratch);
+        self.pass_on(&mut sink)
+    }
+
+    /// Hands the tracker's new records that pass the filter to `sink`,
+    /// counting them; stops at the sink's first error.
+    fn pass_on<E>(&mut self, sink: &mut impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
         let mut result = Ok(());
         for rec in self.scratch.drain(..) {
             if result.is_ok() && self.filter.matches(&rec) {
@@ -56,14 +62,7 @@ impl Pipeline {
             }
         };
         self.tracker.on_event(&event, &mut self.scratch);
-        let mut result = Ok(());
-        for rec in self.scratch.drain(..) {
-            if result.is_ok() && self.filter.matches(&rec) {
-                self.counts.add(&rec.body);
-                result = sink(&rec);
-            }
-        }
-        result
+        self.pass_on(&mut sink)
     }
 }
 

@@ -175,6 +175,23 @@ fn is_port_shortage(proto: Proto, errno: i32) -> bool {
 }
 
 impl Tracked {
+    /// A socket whose port `ev` shows, owned by the task `ev` ran in.
+    fn from_event(ev: &KernelEvent, phase: Phase, origin: Origin, ephemeral: bool) -> Self {
+        Tracked {
+            phase,
+            owner: ev.task.clone().unwrap_or_else(unknown_owner),
+            netns: ev.netns,
+            endpoints: ev.endpoints.clone(),
+            alloc_ts_ns: ev.ts_ns,
+            origin,
+            ephemeral,
+            deferred_state: None,
+            time_wait_since_ns: 0,
+            pending_release: None,
+            sock_id: 0,
+        }
+    }
+
     fn port_ref(&self, cookie: u64) -> PortRef {
         PortRef {
             sock: if self.sock_id != 0 { self.sock_id } else { cookie },
@@ -473,20 +490,7 @@ impl Tracker {
 
     /// `bind()` failed for want of the port (portable backend).
     fn on_bind_failed(&mut self, ev: &KernelEvent, ret: i32, out: &mut Vec<PortRecord>) {
-        let port = Tracked {
-            phase: Phase::Held,
-            owner: ev.task.clone().unwrap_or_else(unknown_owner),
-            netns: ev.netns,
-            endpoints: ev.endpoints.clone(),
-            alloc_ts_ns: ev.ts_ns,
-            origin: Origin::Bind,
-            ephemeral: ev.endpoints.lport == 0,
-            deferred_state: None,
-            time_wait_since_ns: 0,
-            pending_release: None,
-            sock_id: 0,
-        }
-        .port_ref(ev.cookie);
+        let port = Tracked::from_event(ev, Phase::Held, Origin::Bind, ev.endpoints.lport == 0).port_ref(ev.cookie);
         out.push(PortRecord {
             ts_ns: ev.ts_ns,
             port,
@@ -500,19 +504,7 @@ impl Tracker {
         if self.sockets.contains_key(&ev.cookie) || ev.endpoints.lport == 0 {
             return;
         }
-        let tracked = Tracked {
-            phase: Phase::Held,
-            owner: ev.task.clone().unwrap_or_else(unknown_owner),
-            netns: ev.netns,
-            endpoints: ev.endpoints.clone(),
-            alloc_ts_ns: ev.ts_ns,
-            origin: Origin::Autobind,
-            ephemeral: true,
-            deferred_state: None,
-            time_wait_since_ns: 0,
-            pending_release: None,
-            sock_id: 0,
-        };
+        let tracked = Tracked::from_event(ev, Phase::Held, Origin::Autobind, true);
         self.alloc(ev, tracked, out);
     }
 
@@ -846,19 +838,7 @@ impl Tracker {
         {
             return; // reported by the precise get_port hook already
         }
-        let tracked = Tracked {
-            phase: Phase::Held,
-            owner: ev.task.clone().unwrap_or_else(unknown_owner),
-            netns: ev.netns,
-            endpoints: ev.endpoints.clone(),
-            alloc_ts_ns: ev.ts_ns,
-            origin: Origin::Bind,
-            ephemeral: requested_port == 0,
-            deferred_state: None,
-            time_wait_since_ns: 0,
-            pending_release: None,
-            sock_id: 0,
-        };
+        let tracked = Tracked::from_event(ev, Phase::Held, Origin::Bind, requested_port == 0);
         self.alloc(ev, tracked, out);
     }
 
@@ -886,19 +866,7 @@ impl Tracker {
             // TCP: inet_hash_connect chose the port (precise backend, or a
             // portable run that missed the SYN_SENT state change); UDP:
             // inet_dgram_connect → inet_autobind did.
-            let tracked = Tracked {
-                phase: Phase::Held,
-                owner: ev.task.clone().unwrap_or_else(unknown_owner),
-                netns: ev.netns,
-                endpoints: ev.endpoints.clone(),
-                alloc_ts_ns: ev.ts_ns,
-                origin: Origin::Connect,
-                ephemeral: true,
-                deferred_state: None,
-                time_wait_since_ns: 0,
-                pending_release: None,
-                sock_id: 0,
-            };
+            let tracked = Tracked::from_event(ev, Phase::Held, Origin::Connect, true);
             self.alloc(ev, tracked, out);
             return;
         }
