@@ -95,11 +95,14 @@ pub struct WalkStart {
     pub owners: HashMap<u32, Task>,
     /// The namespace's `ip_local_port_range`.
     pub ephemeral_range: [u16; 2],
-    /// Report the sockets the tracker does not know as `snapshot` allocs
-    /// (the first walk). Later walks only look for what ended: a socket
-    /// unknown then is an accepted child or its TIME_WAIT, not a port of its
-    /// own.
+    /// Report the sockets the tracker does not know as `snapshot` allocs:
+    /// the first walk, and the repair walks after lost events (the lost
+    /// events may have been allocations).
     pub adopt_unknown: bool,
+    /// Adopt unknown TIME_WAIT sockets too (the first walk only: later, an
+    /// unknown TIME_WAIT socket is an accepted child's, whose listener may be
+    /// gone, not a port of its own).
+    pub adopt_time_wait: bool,
 }
 
 struct Walk {
@@ -437,6 +440,9 @@ impl Tracker {
             let listener = found.state == Some(TcpState::Listen);
             if tcp && !listener && listening.contains(&e.endpoints.lport) {
                 continue; // an accepted child (or its TIME_WAIT)
+            }
+            if found.state == Some(TcpState::TimeWait) && !start.adopt_time_wait {
+                continue;
             }
             let [lo, hi] = start.ephemeral_range;
             let connected = e.endpoints.raddr.is_some();
@@ -1395,7 +1401,15 @@ mod tests {
     fn walk_start(started_ns: u64, adopt_unknown: bool) -> WalkStart {
         let mut owners = HashMap::new();
         owners.insert(900, Task { pid: 77, tid: 77, comm: "nginx".into(), cgroup: 0 });
-        WalkStart { netns: 1, proto: Proto::Tcp, started_ns, owners, ephemeral_range: [32768, 60999], adopt_unknown }
+        WalkStart {
+            netns: 1,
+            proto: Proto::Tcp,
+            started_ns,
+            owners,
+            ephemeral_range: [32768, 60999],
+            adopt_unknown,
+            adopt_time_wait: adopt_unknown,
+        }
     }
 
     /// The first walk adopts pre-existing sockets, skipping accepted

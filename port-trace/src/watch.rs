@@ -333,6 +333,7 @@ impl Live {
                     owners: owners.clone(),
                     ephemeral_range,
                     adopt_unknown,
+                    adopt_time_wait: adopt_unknown && which.is_none(),
                 });
                 // Events that happened before the walk first, so that the
                 // walk compares with an up-to-date tracker.
@@ -424,8 +425,10 @@ impl Live {
                         // Repair: every followed socket against the kernel's.
                         lost_at_reconcile = self.loss.events;
                         last_reconcile = tokio::time::Instant::now();
+                        // After a loss, sockets the walk finds that we do not
+                        // know are allocations we lost: adopt them.
                         let namespaces = self.pipeline.tracker.namespaces();
-                        self.walk(Some(&namespaces), &[Proto::Tcp, Proto::Udp], false, false)?;
+                        self.walk(Some(&namespaces), &[Proto::Tcp, Proto::Udp], lost_more, lost_more)?;
                     } else if self.time_wait_walks.is_some() {
                         let namespaces = self.pipeline.tracker.time_wait_namespaces();
                         if !namespaces.is_empty() {
