@@ -5,6 +5,7 @@
 //! built against the nightly toolchain's own libLLVM), and the other commands
 //! run it first.
 
+mod bench;
 mod build;
 mod cpio;
 mod lint;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Install the toolchain pieces: nightly `rust-src` and bpf-linker in `.tools`.
     Setup,
+    /// Benchmark port-trace against tcplife and bpftrace on nginx/wrk and connect storms.
+    Bench(bench::Options),
     /// Build `target/<profile>/port-trace` (the eBPF objects are built by its build script).
     Build(build::Options),
     /// Build and run port-trace (through `sudo -E` when not root).
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::run(),
+        Command::Bench(options) => bench::run(&options),
         Command::Build(options) => build::run(&options).map(drop),
         Command::Run(options) => run::run(&options),
         Command::Lint => lint::run(),

@@ -52,6 +52,12 @@ const INIT: &str = include_str!("../vm/init.sh");
 /// Where the guest finds the tracer (`PORT_TRACE_BIN`) and the kernel tests.
 const GUEST_TRACER: &str = "/bin/port-trace";
 const GUEST_TESTS: &str = "/bin/port-trace-kernel-tests";
+const GUEST_PORTABLE_TESTS: &str = "/bin/port-trace-portable-tests";
+
+/// Kernel modules the tests need in the guest: `ss` (the tests' truth for
+/// sockets, cookies and `ss -K`) asks the kernel through sock_diag, built as
+/// modules in Debian's kernel.
+const GUEST_MODULES: &[&str] = &["net/ipv4/inet_diag.ko", "net/ipv4/tcp_diag.ko", "net/ipv4/udp_diag.ko"];
 
 /// Host tools the tests run in the guest besides busybox's applets, and
 /// where they go: `ip netns add/exec/delete` needs the real iproute2, and the
@@ -170,7 +176,8 @@ pub fn run(options: &Options) -> Result<()> {
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&stage).with_context(|| format!("cannot create {}", stage.display()))?;
     let conf = guest_conf(&names, options.timeout.saturating_sub(30).max(30), &options.args);
-    let size = initramfs(&busybox, &tracer, &tests, &conf, &stage, &initrd)?;
+    let modules = kernel.modules.clone();
+    let size = initramfs(&busybox, &tracer, &tests, &modules, &conf, &stage, &initrd)?;
     eprintln!("vm-test: wrote {} ({:.1} MiB)", initrd.display(), mib(size));
 
     let mut qemu = qemu_command(&qemu, &kernel.vmlinuz, &initrd);
@@ -225,6 +232,8 @@ struct Kernel {
     version: String,
     vmlinuz: PathBuf,
     config: PathBuf,
+    /// `lib/modules/<version>` of the package.
+    modules: PathBuf,
 }
 
 /// Downloads and unpacks the kernel unless `.tools/vm/kernel-<version>`
@@ -239,6 +248,7 @@ fn ensure_kernel() -> Result<Kernel> {
     let kernel = Kernel {
         vmlinuz: dir.join("boot").join(format!("vmlinuz-{version}")),
         config: dir.join("boot").join(format!("config-{version}")),
+        modules: dir.join("lib/modules").join(&version),
         version,
     };
     if kernel.vmlinuz.is_file() && kernel.config.is_file() {
@@ -340,6 +350,9 @@ fn config_value<'a>(config: &'a str, option: &str) -> Option<&'a str> {
 struct TestBinaries {
     /// `target/debug/deps/kernel-<hash>` (tests/tests/kernel.rs).
     kernel: PathBuf,
+    /// `target/debug/deps/portable-<hash>` (tests/tests/portable.rs): TIME_WAIT
+    /// ends, snapshots, failures, loss and repair.
+    portable: PathBuf,
     /// `target/debug/port-workload`, also the path compiled into `kernel`.
     workload: PathBuf,
 }
@@ -347,7 +360,7 @@ struct TestBinaries {
 /// Builds the kernel test binary and `port-workload` and finds their paths.
 fn test_binaries() -> Result<TestBinaries> {
     let mut cmd = util::cargo()?;
-    cmd.args(["test", "-p", "port-trace-integration", "--test", "kernel", "--no-run"])
+    cmd.args(["test", "-p", "port-trace-integration", "--test", "kernel", "--test", "portable", "--no-run"])
         .args(["--message-format", "json-render-diagnostics"])
         .stderr(Stdio::inherit());
     eprintln!("$ {}", util::display(&cmd));
@@ -358,7 +371,11 @@ fn test_binaries() -> Result<TestBinaries> {
             .find_map(|line| artifact_executable(line, kind, name))
             .with_context(|| format!("`{}` reported no {kind} executable named {name}", util::display(&cmd)))
     };
-    Ok(TestBinaries { kernel: find("test", "kernel")?, workload: find("bin", "port-workload")? })
+    Ok(TestBinaries {
+        kernel: find("test", "kernel")?,
+        portable: find("test", "portable")?,
+        workload: find("bin", "port-workload")?,
+    })
 }
 
 /// The `executable` of a cargo `compiler-artifact` message whose target has
@@ -413,7 +430,15 @@ fn shell_quote(s: &str) -> String {
 
 /// Assembles the initramfs (stripped copies of the Rust binaries go to
 /// `stage`); returns its size.
-fn initramfs(busybox: &Path, tracer: &Path, tests: &TestBinaries, conf: &str, stage: &Path, out: &Path) -> Result<u64> {
+fn initramfs(
+    busybox: &Path,
+    tracer: &Path,
+    tests: &TestBinaries,
+    modules: &Path,
+    conf: &str,
+    stage: &Path,
+    out: &Path,
+) -> Result<u64> {
     let mut archive = Archive::default();
     for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/usr/bin", "/sbin"] {
         archive.dir(dir)?;
@@ -432,8 +457,12 @@ fn initramfs(busybox: &Path, tracer: &Path, tests: &TestBinaries, conf: &str, st
     if strip.is_none() {
         eprintln!("vm-test: no `strip` (binutils): the binaries keep their debug info");
     }
-    let rust_binaries =
-        [(tracer, GUEST_TRACER.into()), (&tests.kernel, GUEST_TESTS.into()), (&tests.workload, tests.workload.clone())];
+    let rust_binaries = [
+        (tracer, GUEST_TRACER.into()),
+        (&tests.kernel, GUEST_TESTS.into()),
+        (&tests.portable, GUEST_PORTABLE_TESTS.into()),
+        (&tests.workload, tests.workload.clone()),
+    ];
     for (host, guest) in rust_binaries {
         let source = match &strip {
             Some(strip) => {
@@ -447,6 +476,11 @@ fn initramfs(busybox: &Path, tracer: &Path, tests: &TestBinaries, conf: &str, st
     }
     for (name, guest) in HOST_TOOLS {
         add_elf(&mut archive, Path::new(guest), &find_program(name)?)?;
+    }
+    for module in GUEST_MODULES {
+        let source = modules.join("kernel").join(module);
+        let name = Path::new(module).file_name().context("module without a file name")?;
+        archive.file(Path::new("/lib/modules/vm").join(name), 0o644, source)?;
     }
 
     add_elf(&mut archive, Path::new("/bin/busybox"), busybox)?;
