@@ -306,6 +306,13 @@ impl Tracker {
                 Some(parent) => keyed.cookie = parent,
                 None => return,
             },
+            // A walk finds the TIME_WAIT socket at its own address: it holds
+            // its parent's port.
+            Happening::Snapshot { state: Some(TcpState::TimeWait), .. } => {
+                if let Some(parent) = self.time_wait_parent.get(&keyed.cookie) {
+                    keyed.cookie = *parent;
+                }
+            }
             _ => {}
         }
         self.dispatch(&keyed, out);
@@ -1525,5 +1532,29 @@ mod tests {
         t.on_event(&udp(15, 2, 5001, snap), &mut out);
         t.end_walk(16, &mut out);
         assert_eq!(kinds(&out), ["alloc bind true", "alloc autobind true", "release close"]);
+    }
+
+    /// kprobe backend: a walk that finds the TIME_WAIT socket (at its own
+    /// address) keeps its parent's port held.
+    #[test]
+    fn address_keying_walks_see_time_wait_sockets() {
+        let mask = 0x77;
+        let mut t = Tracker::with_keying(Keying::Address { mask });
+        let mut out = Vec::new();
+        let (sk, tw) = (0xffff_8880_0000_1000u64, 0xffff_8880_0000_2000u64);
+        let mut connect = ev(1, 0, Proto::Tcp, 40000, Some(80), task(), Happening::Connect { ret: 0, port_before: 0 });
+        connect.sk_addr = sk;
+        t.on_event(&connect, &mut out);
+        let mut start = ev(2, 0, Proto::Tcp, 40000, Some(80), None, Happening::TimeWaitStart { state: Some(FinWait2) });
+        start.sk_addr = sk;
+        start.tw_addr = tw;
+        t.on_event(&start, &mut out);
+        t.begin_walk(walk_start(10, false));
+        let mut found = snapshot(11, 0, 40000, Some(80), TimeWait, 0);
+        found.sk_addr = tw;
+        t.on_event(&found, &mut out);
+        t.end_walk(12, &mut out);
+        assert_eq!(kinds(&out), ["alloc connect true", "state FIN_WAIT2>TIME_WAIT"], "no early time_wait_end");
+        assert_eq!(t.time_wait_ports(), 1);
     }
 }
