@@ -173,7 +173,6 @@ pub struct Output {
     format: Format,
     lifecycles: bool,
     clock: BootClock,
-    wrote_text_header: bool,
     cgroups: crate::system::CgroupPaths,
 }
 
@@ -181,7 +180,7 @@ impl Output {
     /// An output to `writer`. With `lifecycles`, only completed lifecycles
     /// (releases) are written, one line each.
     pub fn new(writer: Box<dyn Write + Send>, format: Format, lifecycles: bool, clock: BootClock) -> Self {
-        Self { writer, format, lifecycles, clock, wrote_text_header: false, cgroups: Default::default() }
+        Self { writer, format, lifecycles, clock, cgroups: Default::default() }
     }
 
     /// The run's header: a JSON object, or the column titles.
@@ -211,7 +210,6 @@ impl Output {
                 self.writer.write_all(b"\n")
             }
             Format::Text => {
-                self.wrote_text_header = true;
                 if self.lifecycles {
                     writeln!(
                         self.writer,

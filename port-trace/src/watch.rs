@@ -321,7 +321,13 @@ impl Live {
             if path.is_none() && !own {
                 continue;
             }
-            let ephemeral_range = system::ephemeral_range(path.as_deref().and_then(|p| p.to_str())).unwrap_or([0, 0]);
+            // Only adoption estimates `ephemeral`; reading the range costs a
+            // thread entering the namespace, not to be paid every second.
+            let ephemeral_range = if adopt_unknown {
+                system::ephemeral_range(path.as_deref().and_then(|p| p.to_str())).unwrap_or([0, 0])
+            } else {
+                [0, 0]
+            };
             for proto in protos {
                 if !self.backend.can_walk(*proto) {
                     continue;
