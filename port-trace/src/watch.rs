@@ -368,6 +368,16 @@ impl Live {
     }
 
     async fn run(&mut self, header: &Header, duration: Option<Duration>, signals: &mut Signals) -> Result<()> {
+        // --duration counts from the header, the start of tracing (the end
+        // is fixed now, not when the future is first polled).
+        let end = duration.map(|d| tokio::time::Instant::now() + d);
+        let deadline = async move {
+            match end {
+                Some(end) => tokio::time::sleep_until(end).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
         self.output.header(header)?;
         self.output.flush()?;
         // The programs are attached: what existed before is now the snapshot.
@@ -381,13 +391,6 @@ impl Live {
         // The first repair after a loss may run at once.
         let mut last_repair: Option<tokio::time::Instant> = None;
         let mut lost_at_reconcile = 0;
-        let deadline = async {
-            match duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(deadline);
 
         loop {
             tokio::select! {
