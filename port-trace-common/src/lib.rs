@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
@@ -196,6 +196,19 @@ pub struct KernelConfig {
     pub netns_filter: u32,
     /// Field offsets for the running kernel.
     pub offsets: KernelOffsets,
+    /// Wake the reader only once this many bytes wait in the ring buffer
+    /// (0: on every event, the kernel's default); the reader also polls on
+    /// a short timer, so fewer wake-ups cost latency, not events.
+    pub wakeup_bytes: u32,
+    /// [`options`] bits.
+    pub options: u32,
+}
+
+/// Bits of [`KernelConfig::options`].
+pub mod options {
+    /// Report every TCP state change, not only those a port's lifecycle
+    /// turns on.
+    pub const ALL_TCP_STATES: u32 = 1;
 }
 
 /// Name of the ring buffer map.
@@ -208,7 +221,7 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 128);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 96);
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,6 +1,7 @@
 //! The ring buffer, the loss counter, and building events.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
@@ -31,10 +32,21 @@ impl Event {
         unsafe { &mut *self.0.as_mut_ptr() }
     }
 
-    /// Hands the event to userspace.
+    /// Hands the event to userspace, waking the reader only when enough
+    /// waits (`wakeup_bytes`): a wake-up per event (`bpf_ringbuf_commit`'s
+    /// default when the reader has caught up) costs an `irq_work` and a
+    /// context switch each; the reader polls on a timer for the rest.
     #[inline(always)]
     pub fn submit(self) {
-        self.0.submit(0);
+        let threshold = u64::from(crate::sk::config().wakeup_bytes);
+        let flags = if threshold == 0 {
+            0
+        } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        };
+        self.0.submit(flags);
     }
 
     /// Gives the slot back unused.

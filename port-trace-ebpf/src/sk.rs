@@ -31,6 +31,8 @@ static CONFIG: KernelConfig = KernelConfig {
         file_inode: 0,
         inode_ino: 0,
     },
+    wakeup_bytes: 0,
+    options: 0,
 };
 
 #[inline(always)]

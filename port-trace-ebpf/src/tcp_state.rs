@@ -6,12 +6,23 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use port_trace_common::kind;
+use port_trace_common::{kind, options};
 
 use crate::{emit, sk};
 
 const IPPROTO_TCP: u16 = 6;
+const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
+
+/// Whether a transition matters to a port's lifecycle: leaving CLOSE
+/// (connect, listen: the owner is known here), leaving SYN_SENT (the port
+/// shows, or the connect failed) and reaching CLOSE (the port goes back, or
+/// to a TIME_WAIT socket: `tcp_time_wait`). The rest (FIN_WAIT1, CLOSE_WAIT,
+/// accepted children's handshakes, ...) is reported only when asked.
+#[inline(always)]
+fn matters_to_the_port(old: u8, new: u8) -> bool {
+    old == TCP_CLOSE || new == TCP_CLOSE || old == TCP_SYN_SENT
+}
 
 /// `inet_sk_state_store()` / `inet_sk_set_state()` fire this *after*
 /// `tcp_set_state()` ran `inet_put_port()` for a move to CLOSE, so `skc_num`
@@ -21,6 +32,9 @@ const TCP_CLOSE: u8 = 7;
 fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: sk::Cookie) -> i32 {
     let cfg = sk::config();
     if cfg.abi_version == 0 {
+        return 0;
+    }
+    if cfg.options & options::ALL_TCP_STATES == 0 && !matters_to_the_port(old as u8, new as u8) {
         return 0;
     }
     let sk = sk::addr_of(sk_ptr);

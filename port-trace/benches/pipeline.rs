@@ -88,7 +88,7 @@ fn pipeline(c: &mut Criterion) {
                 },
                 |(mut pipeline, mut output)| {
                     for event in &events {
-                        pipeline.feed(event, |rec| output.record(rec)).unwrap();
+                        pipeline.feed(event, &mut |rec: &port_trace::record::PortRecord| output.record(rec)).unwrap();
                     }
                     assert_eq!(pipeline.counts.alloc, 40_000);
                 },
@@ -101,7 +101,7 @@ fn pipeline(c: &mut Criterion) {
             || Pipeline::new(Filter::default(), Keying::Cookie),
             |mut pipeline| {
                 for event in &events {
-                    pipeline.feed(event, |_| Ok::<(), ()>(())).unwrap();
+                    pipeline.feed(event, &mut |_: &port_trace::record::PortRecord| Ok::<(), ()>(())).unwrap();
                 }
                 assert_eq!(pipeline.counts.release, 40_000);
             },

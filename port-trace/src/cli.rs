@@ -27,6 +27,15 @@ pub struct Cli {
 pub enum Command {
     /// Live stream of port events (the default command).
     Watch(Box<WatchArgs>),
+    /// Full-screen live view: ports in use, churn, range pressure.
+    Top(Box<TopArgs>),
+    /// Trace and write JSON Lines to a private, durable file for later
+    /// forensics.
+    Record(Box<RecordArgs>),
+    /// Analyse recordings (or, with --duration and no file, a live run).
+    Report(Box<crate::report::ReportArgs>),
+    /// Who holds a port now (--follow: and next; --history FILE: and before).
+    Who(Box<crate::who::WhoArgs>),
     /// Which hooks this kernel allows, and the backend `auto` would choose.
     Doctor(DoctorArgs),
 }
@@ -61,6 +70,47 @@ fn ring_kib(s: &str) -> Result<u32, String> {
         return Err(format!("{kib} KiB: the ring buffer must be a power of two between 4 KiB and 1 GiB"));
     }
     Ok(kib)
+}
+
+/// Where `--metrics` serves: `PORT`, `:PORT` or `HOST:PORT` (loopback
+/// unless a host is named).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub std::net::SocketAddr);
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    let bad = || format!("'{s}' is not PORT, :PORT or HOST:PORT");
+    let text = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(MetricsAddr(std::net::SocketAddr::from(([127, 0, 0, 1], port))));
+    }
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Ok(MetricsAddr(addr));
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs = s.to_socket_addrs().map_err(|_| bad())?;
+    addrs.next().map(MetricsAddr).ok_or_else(bad)
+}
+
+/// A size in bytes: `1048576`, `512K`, `100M`, `2G` (powers of 1024).
+fn byte_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size like 100M"))?;
+    let shift = match unit.trim_end_matches(['i', 'B', 'b']).to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("'{s}': unknown unit (use K, M or G)")),
+    };
+    let size = n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("'{s}' is too large"))?;
+    if size < 4096 {
+        return Err(format!("'{s}': rotate at 4K or more"));
+    }
+    Ok(size)
 }
 
 /// Protocol filter values.
@@ -135,6 +185,18 @@ pub struct TraceArgs {
     /// events in bursts.
     #[arg(long, value_name = "KIB", default_value = "4096", value_parser = ring_kib)]
     pub ring_buffer_kib: u32,
+    /// Serve OpenMetrics at http://ADDR/metrics: PORT, :PORT or HOST:PORT
+    /// (127.0.0.1 unless a host is named).
+    #[arg(long, value_name = "ADDR", value_parser = metrics_addr)]
+    pub metrics: Option<MetricsAddr>,
+    /// Do not report a listener on these ports or of these commands as an
+    /// `ephemeral_listener` notice (repeatable; comma lists).
+    #[arg(long, value_name = "PORT|COMM", value_parser = crate::notices::parse_allow_arg)]
+    pub allow_listener: Vec<crate::notices::AllowArg>,
+    /// Report every TCP state change (by default only those that take,
+    /// keep or give back a port: connect, listen, TIME_WAIT, close).
+    #[arg(long)]
+    pub all_states: bool,
     /// Show the kernel verifier's log when a program is refused.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -142,6 +204,18 @@ pub struct TraceArgs {
     /// cgroup), as if the kernel refused it: exercises the fallbacks.
     #[arg(long, value_name = "MECHANISM", hide = true)]
     pub skip_mechanism: Vec<String>,
+}
+
+impl TraceArgs {
+    /// Every option at its default.
+    pub fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            trace: TraceArgs,
+        }
+        Only::parse_from(["port-trace"]).trace
+    }
 }
 
 /// `watch` options.
@@ -164,6 +238,36 @@ pub struct WatchArgs {
     /// per event.
     #[arg(long)]
     pub lifecycles: bool,
+}
+
+/// `top` options.
+#[derive(Clone, Debug, Args)]
+pub struct TopArgs {
+    /// Trace options.
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// `record` options.
+#[derive(Clone, Debug, Args)]
+pub struct RecordArgs {
+    /// Trace options.
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// The recording: JSON Lines, zstd-compressed when the name ends in
+    /// `.zst`; created 0600, never over an existing file unless --force.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Overwrite an existing recording (never through a symbolic link).
+    #[arg(long)]
+    pub force: bool,
+    /// Start a new file once this much is written (e.g. 100M); older files
+    /// become FILE.1, FILE.2, ...
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
+    pub rotate_size: Option<u64>,
+    /// Keep this many rotated files besides the current one.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "rotate_size")]
+    pub rotate_count: usize,
 }
 
 /// `doctor` options.
@@ -204,6 +308,28 @@ mod tests {
     }
 
     #[test]
+    fn metrics_addresses_default_to_loopback() {
+        let cli = parse(&["watch", "--metrics", "9954"]).unwrap();
+        let Some(Command::Watch(w)) = cli.command else { panic!("not watch") };
+        assert_eq!(w.trace.metrics.unwrap().0, "127.0.0.1:9954".parse().unwrap());
+        assert_eq!(metrics_addr(":80").unwrap().0, "127.0.0.1:80".parse().unwrap());
+        assert_eq!(metrics_addr("0.0.0.0:9954").unwrap().0, "0.0.0.0:9954".parse().unwrap());
+        assert_eq!(metrics_addr("[::1]:9").unwrap().0, "[::1]:9".parse().unwrap());
+    }
+
+    #[test]
+    fn record_options_parse() {
+        let cli = parse(&["record", "-o", "/tmp/x.zst", "--rotate-size", "100M", "--rotate-count", "3", "-P", "80"])
+            .unwrap();
+        let Some(Command::Record(r)) = cli.command else { panic!("not record") };
+        assert_eq!(r.rotate_size, Some(100 << 20));
+        assert_eq!(r.rotate_count, 3);
+        assert_eq!(byte_size("4096").unwrap(), 4096);
+        assert_eq!(byte_size("2GiB").unwrap(), 2 << 30);
+        assert!(byte_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
     fn bad_input_is_a_usage_error() {
         for args in [
             &["watch", "-P", "70000"][..],
@@ -216,6 +342,11 @@ mod tests {
             &["watch", "-4", "-6"],
             &["watch", "--ring-buffer-kib", "1000"],
             &["watch", "--force"],
+            &["watch", "--metrics", "nohost:99999"],
+            &["record"],
+            &["record", "-o", "x", "--rotate-size", "1"],
+            &["record", "-o", "x", "--rotate-size", "10X"],
+            &["record", "-o", "x", "--rotate-count", "3"],
             &["frobnicate"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));

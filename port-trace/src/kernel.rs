@@ -816,15 +816,30 @@ pub fn read_lost(lost: &PerCpuArray<MapData, u64>) -> u64 {
     lost.get(&0, 0).map(|values| values.iter().sum()).unwrap_or(0)
 }
 
-/// The configuration for this kernel.
-pub fn kernel_config(netns_filter: Option<u32>) -> Result<KernelConfig> {
+/// The configuration for this kernel: only `netns_filter` (0: all), wake
+/// the reader once `wakeup_bytes` wait (0: every event), `options` bits
+/// ([`port_trace_common::options`]).
+pub fn kernel_config(netns_filter: Option<u32>, wakeup_bytes: u32, options: u32) -> Result<KernelConfig> {
     let btf = crate::btf::Btf::from_sys_fs()?;
     Ok(KernelConfig {
         abi_version: ABI_VERSION,
         netns_filter: netns_filter.unwrap_or(0),
         offsets: crate::offsets::kernel_offsets(&btf)?,
+        wakeup_bytes,
+        options,
     })
 }
+
+/// How many bytes may wait in a ring buffer of `ring_bytes` before the
+/// programs wake the reader: an eighth, at most 256 KiB, so that a burst
+/// wakes it long before the ring is full; the reader polls every
+/// [`RING_POLL_INTERVAL`] for what waits below that.
+pub fn wakeup_bytes(ring_bytes: u32) -> u32 {
+    (ring_bytes / 8).clamp(128, 256 * 1024)
+}
+
+/// How often the reader looks into the ring buffer without being woken.
+pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// One row of `doctor`.
 pub struct Probe {
@@ -841,7 +856,7 @@ pub struct Probe {
 /// Asks the kernel, hook by hook, what it allows. Attaches nothing for
 /// longer than the probe and mounts nothing.
 pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
-    let config = kernel_config(None)?;
+    let config = kernel_config(None, 0, 0)?;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut probes = Vec::new();
 

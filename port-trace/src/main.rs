@@ -29,6 +29,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Doctor(args)) => doctor::run(args),
         Some(Command::Watch(args)) => runtime.block_on(watch::run(*args)),
+        Some(Command::Record(args)) => runtime.block_on(watch::record(*args)),
+        Some(Command::Top(args)) => runtime.block_on(port_trace::top::run(*args)),
+        Some(Command::Report(args)) => port_trace::report::run(*args),
+        Some(Command::Who(args)) => match runtime.block_on(port_trace::who::run(*args)) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         None => runtime.block_on(watch::run(cli.watch)),
     };
     match result {

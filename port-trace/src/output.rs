@@ -44,8 +44,13 @@ pub struct Header {
     pub backend: String,
     /// Per-hook outcome.
     pub hooks: Vec<HookReport>,
+    /// The host's name.
+    pub host: String,
     /// `ip_local_port_range` of the traced namespace.
     pub ephemeral_range: [u16; 2],
+    /// The usable range of each namespace known at start (the traced one,
+    /// or the tool's own).
+    pub ranges: Vec<NetnsRange>,
     /// The traced network namespace inode, `None` for all.
     pub netns: Option<u32>,
     /// CLOCK_BOOTTIME at start.
@@ -53,9 +58,40 @@ pub struct Header {
     pub started_boot_ns: u64,
 }
 
+/// A namespace's ephemeral port range, as the header names it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NetnsRange {
+    /// Network namespace inode.
+    pub netns: u32,
+    /// `ip_local_port_range` low end.
+    pub low: u16,
+    /// `ip_local_port_range` high end.
+    pub high: u16,
+    /// `ip_local_reserved_ports` inside the range.
+    pub reserved: Vec<[u16; 2]>,
+    /// Ports the kernel may choose: the range minus the reserved ones.
+    pub usable: u32,
+}
+
+impl NetnsRange {
+    /// The header's view of a namespace's range.
+    pub fn new(netns: u32, range: &crate::pressure::UsableRange) -> Self {
+        Self {
+            netns,
+            low: range.low,
+            high: range.high,
+            reserved: range.reserved.iter().map(|r| [*r.start(), *r.end()]).collect(),
+            usable: range.size(),
+        }
+    }
+}
+
 /// Totals for the closing summary.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Summary {
+    /// CLOCK_BOOTTIME at the end.
+    #[serde(skip)]
+    pub ts_ns: u64,
     /// Seconds traced.
     pub duration_s: f64,
     /// Records written, per type.
@@ -80,6 +116,9 @@ pub struct Summary {
     pub allocations_per_s: f64,
     /// Releases per second over the run.
     pub releases_per_s: f64,
+    /// Churn, pressure and listeners.
+    #[serde(flatten)]
+    pub analysis: crate::analysis::AnalysisSummary,
 }
 
 /// Records written per type.
@@ -209,6 +248,14 @@ impl Output {
                 serde_json::to_writer(&mut self.writer, &line)?;
                 self.writer.write_all(b"\n")
             }
+            Format::Text => self.columns(),
+        }
+    }
+
+    /// The column titles of the text format (nothing in JSON).
+    pub fn columns(&mut self) -> io::Result<()> {
+        match self.format {
+            Format::Json => Ok(()),
             Format::Text => {
                 if self.lifecycles {
                     writeln!(
@@ -341,6 +388,86 @@ impl Output {
             remote,
             detail
         )
+    }
+
+    /// A free line of text (nothing in JSON).
+    pub fn note(&mut self, text: &str) -> io::Result<()> {
+        match self.format {
+            Format::Json => Ok(()),
+            Format::Text => writeln!(self.writer, "{text}"),
+        }
+    }
+
+    /// Writes a pressure warning or a notice.
+    pub fn derived(&mut self, derived: &crate::analysis::Derived) -> io::Result<()> {
+        use crate::analysis::Derived;
+        match (derived, self.format) {
+            (Derived::Pressure(p), Format::Json) => {
+                #[derive(Serialize)]
+                struct Line {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    ts: String,
+                    proto: &'static str,
+                    netns: u32,
+                    laddr: IpAddr,
+                    raddr: Option<IpAddr>,
+                    rport: Option<u16>,
+                    used: u32,
+                    capacity: u32,
+                    ratio: f64,
+                    threshold: f64,
+                    rising: bool,
+                    exhaust_in_s: Option<f64>,
+                }
+                let line = Line {
+                    kind: "pressure",
+                    ts: self.clock.rfc3339(p.ts_ns),
+                    proto: p.proto.name(),
+                    netns: p.netns,
+                    laddr: p.laddr,
+                    raddr: p.raddr,
+                    rport: p.rport,
+                    used: p.used,
+                    capacity: p.capacity,
+                    ratio: (p.ratio * 1e4).round() / 1e4,
+                    threshold: p.threshold,
+                    rising: p.rising,
+                    exhaust_in_s: p.exhaust_in_s.map(|s| (s * 1e3).round() / 1e3),
+                };
+                serde_json::to_writer(&mut self.writer, &line)?;
+                self.writer.write_all(b"\n")
+            }
+            (Derived::Pressure(p), Format::Text) => {
+                let pool = match (p.raddr, p.rport) {
+                    (Some(_), Some(_)) => format!("to {}", endpoint(p.raddr, p.rport)),
+                    _ => format!("on {}", p.laddr),
+                };
+                let forecast = match (p.rising, p.exhaust_in_s) {
+                    (false, _) => "recovered".to_string(),
+                    (true, _) if p.threshold >= 1.0 => "EXHAUSTED: the kernel found no free port".to_string(),
+                    (true, Some(s)) => format!("full in {s:.1}s at the current rate"),
+                    (true, None) => "not filling now".to_string(),
+                };
+                writeln!(
+                    self.writer,
+                    "{:<12} {:<10} {:<5} ports {pool}: {}/{} in use ({:.0}%), {forecast}",
+                    self.clock_time(p.ts_ns),
+                    "pressure",
+                    p.proto.name(),
+                    p.used,
+                    p.capacity,
+                    p.ratio * 100.0
+                )
+            }
+            (Derived::Notice(n), Format::Json) => {
+                serde_json::to_writer(&mut self.writer, &crate::notices::notice_json(n, &self.clock))?;
+                self.writer.write_all(b"\n")
+            }
+            (Derived::Notice(n), Format::Text) => {
+                writeln!(self.writer, "{}", crate::notices::notice_text(n, &self.clock))
+            }
+        }
     }
 
     /// Reports events the kernel could not deliver.

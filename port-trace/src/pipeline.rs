@@ -7,6 +7,26 @@ use crate::output::Counts;
 use crate::record::PortRecord;
 use crate::tracker::{Keying, Tracker};
 
+/// Where the pipeline's records go.
+pub trait RecordSink {
+    /// What stops the pipeline.
+    type Error;
+    /// Every record the tracker produced, filters not applied (the kernel's
+    /// port pools are shared by everything traced).
+    fn observe(&mut self, _rec: &PortRecord) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// A record that passed the user's filters.
+    fn record(&mut self, rec: &PortRecord) -> Result<(), Self::Error>;
+}
+
+impl<E, F: FnMut(&PortRecord) -> Result<(), E>> RecordSink for F {
+    type Error = E;
+    fn record(&mut self, rec: &PortRecord) -> Result<(), E> {
+        self(rec)
+    }
+}
+
 /// The userspace half of a trace.
 pub struct Pipeline {
     /// The lifecycle state machine.
@@ -33,19 +53,22 @@ impl Pipeline {
 
     /// Ends a socket walk (see [`Tracker::end_walk`]), passing what it
     /// produces through the filter to `sink`.
-    pub fn end_walk<E>(&mut self, ts_ns: u64, mut sink: impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
+    pub fn end_walk<S: RecordSink>(&mut self, ts_ns: u64, sink: &mut S) -> Result<(), S::Error> {
         self.tracker.end_walk(ts_ns, &mut self.scratch);
-        self.pass_on(&mut sink)
+        self.pass_on(sink)
     }
 
     /// Hands the tracker's new records that pass the filter to `sink`,
     /// counting them; stops at the sink's first error.
-    fn pass_on<E>(&mut self, sink: &mut impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
+    fn pass_on<S: RecordSink>(&mut self, sink: &mut S) -> Result<(), S::Error> {
         let mut result = Ok(());
         for rec in self.scratch.drain(..) {
+            if result.is_ok() {
+                result = sink.observe(&rec);
+            }
             if result.is_ok() && self.filter.matches(&rec) {
                 self.counts.add(&rec.body);
-                result = sink(&rec);
+                result = sink.record(&rec);
             }
         }
         result
@@ -53,7 +76,7 @@ impl Pipeline {
 
     /// Feeds one ring-buffer record; calls `sink` for every record that
     /// passes the filter. Stops at the sink's first error.
-    pub fn feed<E>(&mut self, bytes: &[u8], mut sink: impl FnMut(&PortRecord) -> Result<(), E>) -> Result<(), E> {
+    pub fn feed<S: RecordSink>(&mut self, bytes: &[u8], sink: &mut S) -> Result<(), S::Error> {
         let event = match KernelEvent::try_from(bytes) {
             Ok(event) => event,
             Err(_) => {
@@ -62,7 +85,7 @@ impl Pipeline {
             }
         };
         self.tracker.on_event(&event, &mut self.scratch);
-        self.pass_on(&mut sink)
+        self.pass_on(sink)
     }
 }
 
@@ -93,7 +116,7 @@ mod tests {
         };
         let mut seen = Vec::new();
         pipeline
-            .feed(&bytes(&raw), |r| -> Result<(), ()> {
+            .feed(&bytes(&raw), &mut |r: &PortRecord| -> Result<(), ()> {
                 seen.push(r.clone());
                 Ok(())
             })
@@ -101,12 +124,12 @@ mod tests {
         raw.protocol = 6;
         raw.cookie = 2;
         pipeline
-            .feed(&bytes(&raw), |r| -> Result<(), ()> {
+            .feed(&bytes(&raw), &mut |r: &PortRecord| -> Result<(), ()> {
                 seen.push(r.clone());
                 Ok(())
             })
             .unwrap();
-        pipeline.feed(&[1, 2, 3], |_| -> Result<(), ()> { Ok(()) }).unwrap();
+        pipeline.feed(&[1, 2, 3], &mut |_: &PortRecord| -> Result<(), ()> { Ok(()) }).unwrap();
         assert_eq!(seen.len(), 1, "the TCP bind is filtered out");
         assert_eq!(pipeline.counts.alloc, 1);
         assert_eq!(pipeline.decode_errors, 1);

@@ -78,26 +78,68 @@ fn parse_range(text: &str) -> Result<[u16; 2]> {
     }
 }
 
-/// `net.ipv4.ip_local_port_range` as the namespace at `netns_path` sees it
-/// (the calling task's own namespace when `None`). `/proc/sys/net` shows the
-/// namespace of the task that opens it, so a helper thread joins the
-/// namespace to read it.
-pub fn ephemeral_range(netns_path: Option<&str>) -> Result<[u16; 2]> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// Reads `files` (under `/proc/sys/net`) as the network namespace at
+/// `netns_path` sees them (the calling task's own namespace when `None`).
+/// `/proc/sys/net` shows the namespace of the task that opens it, so a
+/// helper thread joins the namespace to read them.
+fn read_in_netns(netns_path: Option<&str>, files: &'static [&'static str]) -> Result<Vec<String>> {
+    let read_all = || -> Result<Vec<String>> {
+        files.iter().map(|f| fs::read_to_string(f).with_context(|| format!("cannot read {f}"))).collect()
+    };
     let Some(ns) = netns_path else {
-        return parse_range(&fs::read_to_string(PATH)?);
+        return read_all();
     };
     let file = fs::File::open(ns).with_context(|| format!("cannot open {ns}"))?;
-    std::thread::spawn(move || -> Result<[u16; 2]> {
+    std::thread::spawn(move || -> Result<Vec<String>> {
         use std::os::fd::AsRawFd;
         // SAFETY: a valid namespace fd; only this thread changes namespace.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns: {}", std::io::Error::last_os_error());
         }
-        parse_range(&fs::read_to_string(PATH)?)
+        read_all()
     })
     .join()
     .map_err(|_| anyhow::anyhow!("namespace reader thread panicked"))?
+}
+
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// `net.ipv4.ip_local_port_range` as the namespace at `netns_path` sees it
+/// (the calling task's own namespace when `None`).
+pub fn ephemeral_range(netns_path: Option<&str>) -> Result<[u16; 2]> {
+    parse_range(&read_in_netns(netns_path, &[PORT_RANGE])?[0])
+}
+
+/// The ports the kernel may choose for ephemeral use in the namespace at
+/// `netns_path`: `ip_local_port_range` minus `ip_local_reserved_ports`
+/// (both per namespace, and IPv6 uses the IPv4 settings:
+/// `inet_get_local_port_range`, `inet_is_local_reserved_port`).
+pub fn usable_range(netns_path: Option<&str>) -> Result<crate::pressure::UsableRange> {
+    let texts = read_in_netns(netns_path, &[PORT_RANGE, RESERVED_PORTS])?;
+    crate::pressure::UsableRange::parse(&texts[0], &texts[1]).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The usable range of network namespace `netns`, entered through the
+/// namespace of `pid` when it is that one (the process that just used a
+/// port there), else through any path to it ([`netns_paths`]).
+pub fn usable_range_of(netns: u32, pid: u32) -> Option<crate::pressure::UsableRange> {
+    if own_netns() == Some(netns) {
+        return usable_range(None).ok();
+    }
+    let by_pid = format!("/proc/{pid}/ns/net");
+    if pid != 0 && fs::metadata(&by_pid).is_ok_and(|m| m.ino() == u64::from(netns)) {
+        if let Ok(range) = usable_range(Some(&by_pid)) {
+            return Some(range);
+        }
+    }
+    let path = netns_paths().remove(&netns)?;
+    usable_range(path.to_str()).ok()
+}
+
+/// The host's name (`uname -n`).
+pub fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// The cgroup v2 id of a `--cgroup` path (the directory's inode), absolute or

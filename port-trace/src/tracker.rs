@@ -62,6 +62,8 @@ struct Tracked {
     /// The `sock` reported: the cookie, or with address keying a per-run
     /// number (addresses are reused by later sockets).
     sock_id: u64,
+    /// The last TCP state reported (or found by the walk that adopted it).
+    tcp_state: Option<TcpState>,
 }
 
 /// Counters of what the tracker saw but could not pair, for the summary.
@@ -192,6 +194,7 @@ impl Tracked {
             time_wait_since_ns: 0,
             pending_release: None,
             sock_id: 0,
+            tcp_state: None,
         }
     }
 
@@ -268,6 +271,16 @@ impl Tracker {
         // Forget TIME_WAIT aliases of sockets no longer followed.
         let sockets = &self.sockets;
         self.time_wait_parent.retain(|_, parent| sockets.contains_key(parent));
+    }
+
+    /// The TCP state of a followed socket, by the `sock` its records carry:
+    /// the last one reported, or the one a walk found it in.
+    pub fn tcp_state(&self, sock: u64) -> Option<crate::model::TcpState> {
+        let state = |t: &Tracked| t.tcp_state.or((t.phase == Phase::TimeWait).then_some(TcpState::TimeWait));
+        match self.sockets.get(&sock).filter(|t| t.sock_id == 0 || t.sock_id == sock) {
+            Some(t) => state(t),
+            None => self.sockets.values().find(|t| t.sock_id == sock).and_then(state),
+        }
     }
 
     /// Sockets followed now.
@@ -468,6 +481,7 @@ impl Tracker {
                 time_wait_since_ns: e.ts_ns,
                 pending_release: None,
                 sock_id: 0,
+                tcp_state: if tcp { found.state } else { None },
             };
             self.alloc(e, tracked, out);
         }
@@ -561,6 +575,7 @@ impl Tracker {
                 time_wait_since_ns: 0,
                 pending_release: None,
                 sock_id: 0,
+                tcp_state: None,
             }
             .port_ref(ev.cookie);
             port.lport = requested_port;
@@ -593,6 +608,7 @@ impl Tracker {
                         time_wait_since_ns: 0,
                         pending_release: None,
                         sock_id: 0,
+                        tcp_state: None,
                     },
                 );
             }
@@ -611,6 +627,7 @@ impl Tracker {
                     time_wait_since_ns: 0,
                     pending_release: None,
                     sock_id: 0,
+                    tcp_state: None,
                 };
                 self.alloc(ev, tracked, out);
             }
@@ -778,6 +795,7 @@ impl Tracker {
                             time_wait_since_ns: 0,
                             pending_release: None,
                             sock_id: 0,
+                            tcp_state: None,
                         },
                     );
                 }
@@ -803,6 +821,7 @@ impl Tracker {
 
         let Some(tracked) = self.sockets.get_mut(&cookie) else { return };
         tracked.learn(&ev.endpoints);
+        tracked.tcp_state = Some(new);
         if new != TcpState::Close {
             out.push(PortRecord {
                 ts_ns: ev.ts_ns,
@@ -812,6 +831,7 @@ impl Tracker {
             return;
         }
         if closes_into_time_wait(old, sk_err) {
+            tracked.tcp_state = Some(TcpState::TimeWait);
             tracked.phase = Phase::TimeWait;
             tracked.time_wait_since_ns = ev.ts_ns;
             tracked.time_wait_since_ns = ev.ts_ns;
@@ -898,6 +918,7 @@ impl Tracker {
                 time_wait_since_ns: 0,
                 pending_release: None,
                 sock_id: 0,
+                tcp_state: None,
             }
             .port_ref(cookie);
             port.lport = 0;

@@ -23,6 +23,7 @@
 //! [`require_root`] for the only way to skip them.
 
 pub mod check;
+pub mod listener;
 pub mod netns;
 pub mod procnet;
 pub mod rfc3339;
