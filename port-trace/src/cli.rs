@@ -56,7 +56,8 @@ fn port_list(s: &str) -> Result<PortList, String> {
     parse_port_ranges(s).map(PortList)
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+/// Parses a positive humantime duration (`30s`, `5m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 30s or 5m ({e})"))?;
     if d.is_zero() {
         return Err("the duration must be longer than zero".into());
@@ -167,7 +168,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub ephemeral_only: bool,
     /// Stop after this long: 30s, 5m, 1h.
-    #[arg(short = 'd', long, value_name = "DURATION", value_parser = duration)]
+    #[arg(short = 'd', long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Which hooks to use.
     #[arg(long, value_enum, default_value = "auto")]
@@ -175,7 +176,7 @@ pub struct TraceArgs {
     /// How often to look for TIME_WAIT sockets that ended, where no hook
     /// reports it (the portable backend): their release is reported within
     /// this much of the kernel freeing the port.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub walk_interval: Duration,
     /// Follow at most this many sockets; past it the oldest are dropped and
     /// counted in the summary (`evicted`), keeping memory bounded.
@@ -197,6 +198,11 @@ pub struct TraceArgs {
     /// keep or give back a port: connect, listen, TIME_WAIT, close).
     #[arg(long)]
     pub all_states: bool,
+    /// Wake the reader once this many bytes wait in the ring buffer (0:
+    /// on every event, the kernel's default). For the benchmark's
+    /// before/after comparison; the default is an eighth of the ring.
+    #[arg(long, value_name = "BYTES", hide = true)]
+    pub ring_wakeup_bytes: Option<u32>,
     /// Show the kernel verifier's log when a program is refused.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -319,8 +325,8 @@ mod tests {
 
     #[test]
     fn record_options_parse() {
-        let cli = parse(&["record", "-o", "/tmp/x.zst", "--rotate-size", "100M", "--rotate-count", "3", "-P", "80"])
-            .unwrap();
+        let cli =
+            parse(&["record", "-o", "/tmp/x.zst", "--rotate-size", "100M", "--rotate-count", "3", "-P", "80"]).unwrap();
         let Some(Command::Record(r)) = cli.command else { panic!("not record") };
         assert_eq!(r.rotate_size, Some(100 << 20));
         assert_eq!(r.rotate_count, 3);

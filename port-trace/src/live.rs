@@ -141,8 +141,7 @@ impl Plan {
             Some(arg) => Some(system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
             None => None,
         };
-        let analysis = Analysis::new(&trace.allow_listener)
-            .with_range_source(Box::new(|netns, pid| system::usable_range_of(netns, pid)));
+        let analysis = Analysis::new(&trace.allow_listener).with_range_source(Box::new(system::usable_range_of));
         let missing = privileges::missing_capabilities();
         if !missing.is_empty() {
             bail!(privileges::missing_message(&missing));
@@ -169,14 +168,11 @@ impl Plan {
         let Plan { signals, filter, netns, netns_arg, trace, metrics, mut analysis } = self;
         let ring_bytes = trace.ring_buffer_kib * 1024;
         let options = if trace.all_states { port_trace_common::options::ALL_TCP_STATES } else { 0 };
-        let config = kernel::kernel_config(netns, kernel::wakeup_bytes(ring_bytes), options)?;
+        let wakeup_bytes = trace.ring_wakeup_bytes.unwrap_or_else(|| kernel::wakeup_bytes(ring_bytes));
+        let config = kernel::kernel_config(netns, wakeup_bytes, options)?;
         let mut backend = kernel::load(
             &config,
-            &kernel::LoadOptions {
-                ring_bytes,
-                verbose: trace.verbose,
-                skip_mechanisms: trace.skip_mechanism.clone(),
-            },
+            &kernel::LoadOptions { ring_bytes, verbose: trace.verbose, skip_mechanisms: trace.skip_mechanism.clone() },
             backend_choice(trace.backend),
         )?;
         let events = backend.take_events()?;
@@ -217,10 +213,8 @@ impl Plan {
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
         // while the AsyncFd holds it.
         let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
-        let exact_time_wait_end = backend
-            .hooks
-            .iter()
-            .any(|h| h.hook.ends_with("inet_twsk_bind_unhash") && h.status.starts_with("attached"));
+        let exact_time_wait_end =
+            backend.hooks.iter().any(|h| h.hook.ends_with("inet_twsk_bind_unhash") && h.status.starts_with("attached"));
         let scope = match (&netns_arg, netns) {
             (Some(arg), Some(inode)) if arg.parse::<u32>().is_err() => Scope::One(inode, Some(PathBuf::from(arg))),
             (Some(_), Some(inode)) => Scope::One(inode, None),
@@ -524,7 +518,7 @@ impl Live {
 
     fn state(&self) -> LiveState<'_> {
         LiveState {
-            backend: &self.backend.name,
+            backend: self.backend.name,
             analysis: &self.analysis,
             counts: &self.pipeline.counts,
             lost: self.loss.events,
@@ -553,7 +547,7 @@ impl Live {
         }
         // The ranges may be changed by the administrator at any time.
         self.refreshes += 1;
-        if self.refreshes % RANGE_REFRESH_EVERY == 0 {
+        if self.refreshes.is_multiple_of(RANGE_REFRESH_EVERY) {
             for (netns, _) in self.analysis.pools.range_sizes() {
                 if let Some(range) = self.range_of(netns) {
                     if self.analysis.pools.range(netns) != Some(&range) {

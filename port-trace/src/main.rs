@@ -7,7 +7,18 @@ use port_trace::cli::{Cli, Command};
 use port_trace::{doctor, watch, UsageError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if err.use_stderr() => {
+            eprintln!("port-trace: error: {} (see --help)", one_line(&err.render().to_string()));
+            return ExitCode::from(2);
+        }
+        // --help and --version.
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     if port_trace::privileges::missing_capabilities().is_empty() {
         // Classic tracepoints need tracefs; without it on the host, mount it
         // in a private mount namespace (before the runtime starts threads).
@@ -31,6 +42,7 @@ fn main() -> ExitCode {
         Some(Command::Watch(args)) => runtime.block_on(watch::run(*args)),
         Some(Command::Record(args)) => runtime.block_on(watch::record(*args)),
         Some(Command::Top(args)) => runtime.block_on(port_trace::top::run(*args)),
+        Some(Command::Report(args)) if args.files.is_empty() => runtime.block_on(port_trace::report::live::run(*args)),
         Some(Command::Report(args)) => port_trace::report::run(*args),
         Some(Command::Who(args)) => match runtime.block_on(port_trace::who::run(*args)) {
             Ok(code) => return ExitCode::from(code),
@@ -49,4 +61,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A clap error as the one line the contract promises: its text up to the
+/// usage block, without the `error:` prefix, lines joined.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty() && !line.starts_with("Usage:"))
+        .map(|line| line.trim().trim_start_matches("error:").trim())
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

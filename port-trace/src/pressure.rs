@@ -759,15 +759,21 @@ impl Pools {
         let Some(info) = self.ranges.get(&p.netns) else {
             return;
         };
-        let key = PoolKey {
-            netns: p.netns,
-            proto: p.proto,
-            laddr: p.laddr,
-            raddr: dest.map(|d| d.0),
-            rport: dest.map(|d| d.1),
-        };
         let space = self.spaces.entry((p.netns, p.proto)).or_default();
-        space.pool_or_seed(p.laddr, dest, rec.ts_ns, Some(&info.range)).fail(&key, rec.ts_ns, info.capacity, out);
+        // A connect that found no port reports no source address (the
+        // kernel clears it on the failure): its pool is the destination's,
+        // from the local address that has one (the fullest, if several).
+        let laddr = match dest {
+            Some((raddr, rport)) if p.laddr.is_unspecified() => space
+                .connect_pools
+                .iter()
+                .filter(|((_, r, port), _)| (*r, *port) == (raddr, rport))
+                .max_by(|((la, _, _), a), ((lb, _, _), b)| a.used.cmp(&b.used).then(lb.cmp(la)))
+                .map_or(p.laddr, |((laddr, _, _), _)| *laddr),
+            _ => p.laddr,
+        };
+        let key = PoolKey { netns: p.netns, proto: p.proto, laddr, raddr: dest.map(|d| d.0), rport: dest.map(|d| d.1) };
+        space.pool_or_seed(laddr, dest, rec.ts_ns, Some(&info.range)).fail(&key, rec.ts_ns, info.capacity, out);
     }
 
     /// Forgets the oldest sixteenth of the held ports.
@@ -1107,6 +1113,30 @@ mod tests {
         assert!(feed(&mut pools, fail(5 * SEC + 1, Proto::Tcp, libc::EADDRNOTAVAIL, Some(DEST))).is_empty());
         // Other errors are not pressure.
         assert!(feed(&mut pools, fail(5 * SEC, Proto::Tcp, libc::ECONNREFUSED, Some(OTHER))).is_empty());
+    }
+
+    #[test]
+    fn a_failed_connect_without_a_source_address_is_reported_on_its_destination_pool() {
+        let mut pools = pools_with_range(40000, 40009);
+        for i in 0..10u16 {
+            feed(&mut pools, connect(0, u64::from(i), 40000 + i, DEST));
+        }
+        // Another local address toward the same destination, less full.
+        let other_laddr = port_ref(50, Proto::Tcp, "10.0.0.2", 40000, Some(DEST));
+        feed(&mut pools, alloc(0, other_laddr, Origin::Connect, true));
+        // The kernel cleared the source address of the socket that failed.
+        let mut failed = fail(SEC, Proto::Tcp, libc::EADDRNOTAVAIL, Some(DEST));
+        failed.port.laddr = ip("0.0.0.0");
+        let events = feed(&mut pools, failed);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!((events[0].laddr, events[0].used, events[0].threshold), (ip("10.0.0.1"), 10, EXHAUSTED));
+        // No pool of its own for the wildcard address.
+        assert!(pools.spaces.values().all(|s| s.connect_pools.keys().all(|(l, _, _)| !l.is_unspecified())));
+        // Toward a destination with no pool, the failure still counts.
+        let mut unseen = fail(SEC, Proto::Tcp, libc::EADDRNOTAVAIL, Some(OTHER));
+        unseen.port.laddr = ip("0.0.0.0");
+        let events = feed(&mut pools, unseen);
+        assert_eq!((events.len(), events[0].laddr, events[0].used), (1, ip("0.0.0.0"), 0));
     }
 
     #[test]

@@ -2,40 +2,15 @@
 //! durable file): stream records until Ctrl-C, SIGTERM or `--duration`, then
 //! flush and summarise.
 
-use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::{RecordArgs, WatchArgs};
 use crate::live::{Frontend, LiveState, Plan};
 use crate::output::{summary_text, Format, Output};
-use crate::recording::{RecordFileOptions, RecordWriter};
+use crate::recording::{create_private_file, RecordFileOptions, RecordWriter};
 use crate::UsageError;
-
-/// Creates `path` for writing: mode 0600, never through a symbolic link,
-/// never over an existing file unless `force`.
-pub fn create_private_file(path: &Path, force: bool) -> Result<std::fs::File> {
-    let mut options = OpenOptions::new();
-    options.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        bail!(UsageError(format!(
-            "{} is a symbolic link: port-trace never writes through one, --force or not",
-            path.display()
-        )));
-    }
-    options.open(path).map_err(|e| {
-        let hint = if e.kind() == io::ErrorKind::AlreadyExists { " (use --force to overwrite)" } else { "" };
-        UsageError(format!("cannot create {}: {e}{hint}", path.display())).into()
-    })
-}
 
 fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
     match &args.output {
@@ -44,7 +19,13 @@ fn open_output(args: &WatchArgs) -> Result<(Box<dyn Write + Send>, bool)> {
             Ok((Box::new(io::BufWriter::with_capacity(64 * 1024, io::stdout())), terminal))
         }
         Some(path) => {
-            let file = create_private_file(path, args.force)?;
+            let file = create_private_file(path, args.force).map_err(|e| {
+                if e.is_usage() {
+                    anyhow::Error::new(UsageError(e.to_string()))
+                } else {
+                    anyhow::Error::new(e)
+                }
+            })?;
             Ok((Box::new(io::BufWriter::with_capacity(64 * 1024, file)), false))
         }
     }
@@ -114,11 +95,14 @@ pub async fn record(args: RecordArgs) -> Result<()> {
         path: args.output.clone(),
         force: args.force,
         rotate_size: args.rotate_size,
-        rotate_count: args.rotate_count,
+        // `--rotate-count N` keeps N rotated files besides the live one
+        // (as its help and the DaemonSet say); the writer counts them all.
+        rotate_count: args.rotate_count.saturating_add(1),
     })
     .map_err(|e| UsageError(e.to_string()))?;
     let session = plan.load()?;
-    let output = Output::new(Box::new(io::BufWriter::with_capacity(64 * 1024, writer)), Format::Json, false, session.clock);
+    let output =
+        Output::new(Box::new(io::BufWriter::with_capacity(64 * 1024, writer)), Format::Json, false, session.clock);
     let mut frontend = LineFrontend::new(output);
     if let Some(summary) = session.run(&mut frontend).await? {
         eprintln!("{}", summary_text(&summary));

@@ -26,14 +26,6 @@ fn port_list(s: &str) -> Result<PortList, String> {
     parse_port_ranges(s).map(PortList)
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 30s or 5m ({e})"))?;
-    if d.is_zero() {
-        return Err("the duration must be longer than zero".into());
-    }
-    Ok(d)
-}
-
 /// `who` options.
 #[derive(Clone, Debug, Args)]
 pub struct WhoArgs {
@@ -47,7 +39,7 @@ pub struct WhoArgs {
     #[arg(long)]
     pub follow: bool,
     /// Follow for this long (30s, 5m, 1h); implies --follow.
-    #[arg(short = 'd', long, value_name = "DURATION", value_parser = duration)]
+    #[arg(short = 'd', long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
     pub duration: Option<Duration>,
     /// Read these recordings (from `port-trace record` or `watch -f json`)
     /// and list every socket that held the ports, with when, instead of
@@ -603,6 +595,221 @@ pub fn holding_json(h: &Holding) -> Value {
     Value::Object(map)
 }
 
+/// `who` on the live system: the frontend of the trace. Until the start-up
+/// walk is over it collects the holders; then it prints them and, with
+/// `--follow`, every later record of the ports.
+struct WhoFrontend {
+    scope: WhoScope,
+    format: Format,
+    clock: BootClock,
+    follow: bool,
+    /// Holders found so far, by (netns, sock).
+    holders: std::collections::BTreeMap<(u32, u64), PortRecord>,
+    ready: bool,
+    found: bool,
+    output: crate::output::Output,
+}
+
+impl WhoFrontend {
+    fn print(&mut self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()
+    }
+}
+
+impl crate::live::Frontend for WhoFrontend {
+    fn start(&mut self, _header: &crate::output::Header) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn record(&mut self, rec: &PortRecord) -> std::io::Result<()> {
+        if !self.scope.matches_record(rec) {
+            return Ok(());
+        }
+        if !self.ready {
+            let key = (rec.port.netns, rec.port.sock);
+            match rec.body {
+                RecordBody::Alloc { .. } => {
+                    self.holders.insert(key, rec.clone());
+                }
+                RecordBody::Release { .. } => {
+                    self.holders.remove(&key);
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if let RecordBody::Alloc { .. } = rec.body {
+            self.found = true;
+        }
+        self.output.record(rec)?;
+        if let (RecordBody::Alloc { .. }, Format::Text) = (&rec.body, self.format) {
+            if let Some(d) = ProcessDetails::read(rec.port.pid) {
+                let command = if d.cmdline.is_empty() { format!("[{}]", d.comm) } else { d.cmdline };
+                self.output.note(&format!("    command: {}", printable(&command)))?;
+            }
+        }
+        self.output.flush()
+    }
+
+    fn derived(&mut self, _derived: &crate::analysis::Derived) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn lost(&mut self, ts_ns: u64, count: u64) -> std::io::Result<()> {
+        if self.ready {
+            self.output.lost(ts_ns, count)?;
+        }
+        Ok(())
+    }
+
+    fn ready(&mut self, state: &crate::live::LiveState<'_>) -> std::io::Result<bool> {
+        self.ready = true;
+        let now = state.now_ns;
+        let holders: Vec<Holder> = self
+            .holders
+            .values()
+            .map(|rec| Holder {
+                port: rec.port.clone(),
+                state: state.tracker.tcp_state(rec.port.sock),
+                since_ns: match rec.body {
+                    RecordBody::Alloc { origin: crate::model::Origin::Snapshot, .. } => None,
+                    _ => Some(rec.ts_ns),
+                },
+                details: ProcessDetails::read(rec.port.pid).filter(|d| d.comm == rec.port.comm),
+            })
+            .collect();
+        self.found = !holders.is_empty();
+        let text = match self.format {
+            Format::Text if holders.is_empty() => nobody_text(&self.scope),
+            Format::Text => render_holders_text(&holders, &self.clock, now),
+            Format::Json => {
+                holders.iter().map(|h| format!("{}\n", holder_json(h, &self.clock, now))).collect::<Vec<_>>().concat()
+            }
+        };
+        self.print(&text)?;
+        if self.follow {
+            if self.format == Format::Text {
+                self.print(&format!("following {} (Ctrl-C to stop)\n", self.scope.ports_text()))?;
+            }
+            self.output.columns()?;
+            self.output.flush()?;
+        }
+        Ok(self.follow)
+    }
+
+    fn tick(&mut self, _state: &crate::live::LiveState<'_>) -> std::io::Result<bool> {
+        self.output.flush()?;
+        Ok(true)
+    }
+
+    fn finish(&mut self, _summary: &crate::output::Summary) -> std::io::Result<()> {
+        self.output.flush()
+    }
+}
+
+/// The trace options `who` uses: the ports, the namespace, the backend and
+/// the duration; nothing else filtered.
+fn trace_args(args: &WhoArgs, ports: &[RangeInclusive<u16>]) -> crate::cli::TraceArgs {
+    let mut trace = crate::cli::TraceArgs::defaults();
+    trace.ports = Some(PortList(ports.to_vec()));
+    trace.netns = args.netns.clone();
+    trace.backend = args.backend;
+    trace.duration = args.duration;
+    trace
+}
+
+/// Runs `who`; returns the exit code (0 found, 1 nobody).
+pub async fn run(args: WhoArgs) -> anyhow::Result<u8> {
+    use std::io::IsTerminal;
+    let ports = args.port_ranges()?;
+    let format = args.format.unwrap_or(if std::io::stdout().is_terminal() { Format::Text } else { Format::Json });
+    let files = args.history_files();
+    if !files.is_empty() {
+        let scope = WhoScope {
+            ports,
+            netns: match &args.netns {
+                Some(arg) => Some(crate::system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
+                None => None,
+            },
+        };
+        let lines = read_json_lines(&files)?;
+        let history = history(&lines.values, &scope);
+        for warning in history_warnings(&history).iter().chain(&lines.warnings) {
+            eprintln!("port-trace: {warning}");
+        }
+        let found = !history.holdings.is_empty();
+        match format {
+            Format::Text => print!("{}", render_history_text(&history, &scope)),
+            Format::Json => {
+                for h in &history.holdings {
+                    println!("{}", holding_json(h));
+                }
+            }
+        }
+        return Ok(who_exit_code(found));
+    }
+    let plan = crate::live::Plan::new(&trace_args(&args, &ports))?;
+    let scope = WhoScope { ports, netns: plan.netns() };
+    let session = plan.load()?;
+    let writer = Box::new(std::io::BufWriter::new(std::io::stdout()));
+    let mut frontend = WhoFrontend {
+        scope,
+        format,
+        clock: session.clock,
+        follow: args.follows(),
+        holders: Default::default(),
+        ready: false,
+        found: false,
+        output: crate::output::Output::new(writer, format, false, session.clock),
+    };
+    session.run(&mut frontend).await?;
+    Ok(who_exit_code(frontend.found))
+}
+
+/// The JSON objects of recordings, and why lines were skipped.
+struct JsonLines {
+    values: Vec<Value>,
+    warnings: Vec<String>,
+}
+
+/// Reads recordings (plain, `.zst`, rotated sets) as JSON values; lines
+/// that are not JSON objects, and a torn compressed tail, are skipped with
+/// a warning.
+fn read_json_lines(files: &[PathBuf]) -> anyhow::Result<JsonLines> {
+    use std::io::BufRead;
+    let mut lines = JsonLines { values: Vec::new(), warnings: Vec::new() };
+    for path in crate::report::reader::expand_paths(files)? {
+        let file = std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let mut reader: Box<dyn BufRead> = if crate::recording::is_zstd_path(&path) {
+            Box::new(std::io::BufReader::new(zstd::Decoder::new(file)?))
+        } else {
+            Box::new(std::io::BufReader::new(file))
+        };
+        let mut buf = Vec::new();
+        let mut number = 0u64;
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    lines.warnings.push(format!("{}: stopped reading after line {number}: {e}", path.display()));
+                    break;
+                }
+            }
+            number += 1;
+            match serde_json::from_slice::<Value>(&buf) {
+                Ok(value @ Value::Object(_)) => lines.values.push(value),
+                _ => lines.warnings.push(format!("{}:{number}: skipped: not a JSON object", path.display())),
+            }
+        }
+    }
+    Ok(lines)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -991,218 +1198,4 @@ mod tests {
             assert_eq!(port_ref_from_json(&broken), None, "{broken}");
         }
     }
-}
-
-/// `who` on the live system: the frontend of the trace. Until the start-up
-/// walk is over it collects the holders; then it prints them and, with
-/// `--follow`, every later record of the ports.
-struct WhoFrontend {
-    scope: WhoScope,
-    format: Format,
-    clock: BootClock,
-    follow: bool,
-    /// Holders found so far, by (netns, sock).
-    holders: std::collections::BTreeMap<(u32, u64), PortRecord>,
-    ready: bool,
-    found: bool,
-    output: crate::output::Output,
-}
-
-impl WhoFrontend {
-    fn print(&mut self, text: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        stdout.write_all(text.as_bytes())?;
-        stdout.flush()
-    }
-}
-
-impl crate::live::Frontend for WhoFrontend {
-    fn start(&mut self, _header: &crate::output::Header) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn record(&mut self, rec: &PortRecord) -> std::io::Result<()> {
-        if !self.scope.matches_record(rec) {
-            return Ok(());
-        }
-        if !self.ready {
-            let key = (rec.port.netns, rec.port.sock);
-            match rec.body {
-                RecordBody::Alloc { .. } => {
-                    self.holders.insert(key, rec.clone());
-                }
-                RecordBody::Release { .. } => {
-                    self.holders.remove(&key);
-                }
-                _ => {}
-            }
-            return Ok(());
-        }
-        if let RecordBody::Alloc { .. } = rec.body {
-            self.found = true;
-        }
-        self.output.record(rec)?;
-        if let (RecordBody::Alloc { .. }, Format::Text) = (&rec.body, self.format) {
-            if let Some(d) = ProcessDetails::read(rec.port.pid) {
-                let command = if d.cmdline.is_empty() { format!("[{}]", d.comm) } else { d.cmdline };
-                self.output.note(&format!("    command: {}", printable(&command)))?;
-            }
-        }
-        self.output.flush()
-    }
-
-    fn derived(&mut self, _derived: &crate::analysis::Derived) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn lost(&mut self, ts_ns: u64, count: u64) -> std::io::Result<()> {
-        if self.ready {
-            self.output.lost(ts_ns, count)?;
-        }
-        Ok(())
-    }
-
-    fn ready(&mut self, state: &crate::live::LiveState<'_>) -> std::io::Result<bool> {
-        self.ready = true;
-        let now = state.now_ns;
-        let holders: Vec<Holder> = self
-            .holders
-            .values()
-            .map(|rec| Holder {
-                port: rec.port.clone(),
-                state: state.tracker.tcp_state(rec.port.sock),
-                since_ns: match rec.body {
-                    RecordBody::Alloc { origin: crate::model::Origin::Snapshot, .. } => None,
-                    _ => Some(rec.ts_ns),
-                },
-                details: ProcessDetails::read(rec.port.pid).filter(|d| d.comm == rec.port.comm),
-            })
-            .collect();
-        self.found = !holders.is_empty();
-        let text = match self.format {
-            Format::Text if holders.is_empty() => nobody_text(&self.scope),
-            Format::Text => render_holders_text(&holders, &self.clock, now),
-            Format::Json => holders
-                .iter()
-                .map(|h| format!("{}\n", holder_json(h, &self.clock, now)))
-                .collect::<Vec<_>>()
-                .concat(),
-        };
-        self.print(&text)?;
-        if self.follow {
-            if self.format == Format::Text {
-                self.print(&format!("following {} (Ctrl-C to stop)\n", self.scope.ports_text()))?;
-            }
-            self.output.columns()?;
-            self.output.flush()?;
-        }
-        Ok(self.follow)
-    }
-
-    fn tick(&mut self, _state: &crate::live::LiveState<'_>) -> std::io::Result<bool> {
-        self.output.flush()?;
-        Ok(true)
-    }
-
-    fn finish(&mut self, _summary: &crate::output::Summary) -> std::io::Result<()> {
-        self.output.flush()
-    }
-}
-
-/// The trace options `who` uses: the ports, the namespace, the backend and
-/// the duration; nothing else filtered.
-fn trace_args(args: &WhoArgs, ports: &[RangeInclusive<u16>]) -> crate::cli::TraceArgs {
-    let mut trace = crate::cli::TraceArgs::defaults();
-    trace.ports = Some(PortList(ports.to_vec()));
-    trace.netns = args.netns.clone();
-    trace.backend = args.backend;
-    trace.duration = args.duration;
-    trace
-}
-
-/// Runs `who`; returns the exit code (0 found, 1 nobody).
-pub async fn run(args: WhoArgs) -> anyhow::Result<u8> {
-    use std::io::IsTerminal;
-    let ports = args.port_ranges()?;
-    let format = args.format.unwrap_or(if std::io::stdout().is_terminal() { Format::Text } else { Format::Json });
-    let files = args.history_files();
-    if !files.is_empty() {
-        let scope = WhoScope { ports, netns: match &args.netns {
-            Some(arg) => Some(crate::system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
-            None => None,
-        } };
-        let lines = read_json_lines(&files)?;
-        let history = history(&lines.values, &scope);
-        for warning in history_warnings(&history).iter().chain(&lines.warnings) {
-            eprintln!("port-trace: {warning}");
-        }
-        let found = !history.holdings.is_empty();
-        match format {
-            Format::Text => print!("{}", render_history_text(&history, &scope)),
-            Format::Json => {
-                for h in &history.holdings {
-                    println!("{}", holding_json(h));
-                }
-            }
-        }
-        return Ok(who_exit_code(found));
-    }
-    let plan = crate::live::Plan::new(&trace_args(&args, &ports))?;
-    let scope = WhoScope { ports, netns: plan.netns() };
-    let session = plan.load()?;
-    let writer = Box::new(std::io::BufWriter::new(std::io::stdout()));
-    let mut frontend = WhoFrontend {
-        scope,
-        format,
-        clock: session.clock,
-        follow: args.follows(),
-        holders: Default::default(),
-        ready: false,
-        found: false,
-        output: crate::output::Output::new(writer, format, false, session.clock),
-    };
-    session.run(&mut frontend).await?;
-    Ok(who_exit_code(frontend.found))
-}
-
-/// The JSON objects of recordings, and why lines were skipped.
-struct JsonLines {
-    values: Vec<Value>,
-    warnings: Vec<String>,
-}
-
-/// Reads recordings (plain, `.zst`, rotated sets) as JSON values; lines
-/// that are not JSON objects, and a torn compressed tail, are skipped with
-/// a warning.
-fn read_json_lines(files: &[PathBuf]) -> anyhow::Result<JsonLines> {
-    use std::io::BufRead;
-    let mut lines = JsonLines { values: Vec::new(), warnings: Vec::new() };
-    for path in crate::report::reader::expand_paths(files)? {
-        let file = std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut reader: Box<dyn BufRead> = if crate::recording::is_zstd_path(&path) {
-            Box::new(std::io::BufReader::new(zstd::Decoder::new(file)?))
-        } else {
-            Box::new(std::io::BufReader::new(file))
-        };
-        let mut buf = Vec::new();
-        let mut number = 0u64;
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    lines.warnings.push(format!("{}: stopped reading after line {number}: {e}", path.display()));
-                    break;
-                }
-            }
-            number += 1;
-            match serde_json::from_slice::<Value>(&buf) {
-                Ok(value @ Value::Object(_)) => lines.values.push(value),
-                _ => lines.warnings.push(format!("{}:{number}: skipped: not a JSON object", path.display())),
-            }
-        }
-    }
-    Ok(lines)
 }

@@ -65,7 +65,7 @@ proptest! {
         let mut pipeline = Pipeline::with_tracker(Filter::default(), Tracker::with_keying(keying).with_limit(16));
         let mut output = sink();
         for record in &records {
-            pipeline.feed(record, |rec| output.record(rec)).unwrap();
+            pipeline.feed(record, &mut |rec: &port_trace::record::PortRecord| output.record(rec)).unwrap();
         }
         prop_assert!(pipeline.tracker.ports_in_use() <= pipeline.tracker.tracked());
         prop_assert!(pipeline.tracker.time_wait_ports() <= pipeline.tracker.ports_in_use());

@@ -73,7 +73,8 @@ impl Listener {
         timeout: Duration,
     ) -> Result<Listener> {
         let mut cmd = ns.command(bin);
-        cmd.arg(port.to_string()).arg(comm).args(addr).args(tags);
+        // ADDR is positional before the tags: always give it.
+        cmd.arg(port.to_string()).arg(comm).arg(addr.unwrap_or("127.0.0.1")).args(tags);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

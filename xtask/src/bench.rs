@@ -11,9 +11,12 @@
 //!
 //! Configurations, alternated within each round: untraced; `port-trace
 //! watch --format json --netns /run/netns/<ns>` to a file (release build);
+//! the same with the cost work undone (`--ring-wakeup-bytes 0 --all-states`:
+//! a reader wake-up per event, every TCP state change sent up), to measure
+//! what batching and in-kernel filtering buy; `port-trace record`;
 //! libbpf-tools `tcplife` (under `stdbuf -oL`) to a file; a bpftrace
 //! one-liner on `tracepoint:sock:inet_sock_set_state`, one line per event,
-//! to a file. `port-trace record` is listed as n/a: it does not exist yet.
+//! to a file.
 //! Peers that cannot be installed are reported as skipped, with the reason.
 //!
 //! Per workload and configuration, medians over rounds: throughput and its
@@ -115,19 +118,34 @@ impl Workload {
 enum Config {
     Untraced,
     PortTrace,
+    /// `watch` as before the cost work: a wake-up per event and every TCP
+    /// state change sent up (`--ring-wakeup-bytes 0 --all-states`).
+    PortTraceUnbatched,
     PortTraceRecord,
     Tcplife,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 5] =
-        [Config::Untraced, Config::PortTrace, Config::PortTraceRecord, Config::Tcplife, Config::Bpftrace];
+    const ALL: [Config; 6] = [
+        Config::Untraced,
+        Config::PortTrace,
+        Config::PortTraceUnbatched,
+        Config::PortTraceRecord,
+        Config::Tcplife,
+        Config::Bpftrace,
+    ];
+
+    /// One of port-trace's own configurations.
+    fn is_port_trace(self) -> bool {
+        matches!(self, Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord)
+    }
 
     fn name(self) -> &'static str {
         match self {
             Config::Untraced => "untraced",
             Config::PortTrace => "port-trace watch",
+            Config::PortTraceUnbatched => "port-trace watch (unbatched)",
             Config::PortTraceRecord => "port-trace record",
             Config::Tcplife => "tcplife",
             Config::Bpftrace => "bpftrace",
@@ -214,10 +232,9 @@ pub fn run(options: &Options) -> Result<()> {
     let mut configs = Vec::new();
     for config in Config::ALL {
         let unavailable = match config {
-            Config::PortTraceRecord => Some("`port-trace record` does not exist yet".to_owned()),
             Config::Tcplife => tcplife.as_ref().err().cloned(),
             Config::Bpftrace => bpftrace.as_ref().err().cloned(),
-            Config::Untraced | Config::PortTrace => None,
+            Config::Untraced | Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => None,
         };
         match unavailable {
             Some(reason) => {
@@ -248,10 +265,12 @@ pub fn run(options: &Options) -> Result<()> {
             for &config in configs[start..].iter().chain(&configs[..start]) {
                 eprintln!("bench: round {round}/{rounds}: {} under {}", workload.name(), config.name());
                 let tracer_bin = match config {
-                    Config::PortTrace => port_trace.to_string_lossy().into_owned(),
+                    Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
+                        port_trace.to_string_lossy().into_owned()
+                    }
                     Config::Tcplife => tcplife.clone().unwrap_or_default(),
                     Config::Bpftrace => bpftrace.clone().unwrap_or_default(),
-                    Config::Untraced | Config::PortTraceRecord => String::new(),
+                    Config::Untraced => String::new(),
                 };
                 let generator =
                     Generator { workload, seconds, wrk: wrk.as_deref().unwrap_or("wrk"), storm: &storm, ns: &env.ns };
@@ -508,11 +527,22 @@ impl Tracer {
                 cmd.args(["watch", "--format", "json", "--netns", &netns, "--force", "--output"]).arg(&out);
                 cmd
             }
+            Config::PortTraceUnbatched => {
+                let mut cmd = Command::new(bin);
+                cmd.args(["watch", "--format", "json", "--netns", &netns, "--ring-wakeup-bytes", "0", "--all-states"]);
+                cmd.args(["--force", "--output"]).arg(&out);
+                cmd
+            }
+            Config::PortTraceRecord => {
+                let mut cmd = Command::new(bin);
+                cmd.args(["record", "--netns", &netns, "--force", "--output"]).arg(&out);
+                cmd
+            }
             Config::Tcplife => with_tracefs(&["stdbuf", "-oL", bin]),
             Config::Bpftrace => with_tracefs(&[bin, "-B", "line", "-e", BPFTRACE_PROGRAM]),
-            Config::Untraced | Config::PortTraceRecord => bail!("{} has no tracer", config.name()),
+            Config::Untraced => bail!("{} has no tracer", config.name()),
         };
-        let stdout = if config == Config::PortTrace { env.dir.join(format!("{tag}.stdout")) } else { out.clone() };
+        let stdout = if config.is_port_trace() { env.dir.join(format!("{tag}.stdout")) } else { out.clone() };
         cmd.stdin(Stdio::null()).stdout(fs::File::create(&stdout)?).stderr(fs::File::create(&err)?);
         eprintln!("$ {}", util::display(&cmd));
         let child = cmd.spawn().with_context(|| format!("cannot start `{}`", util::display(&cmd)))?;
@@ -540,7 +570,7 @@ impl Tracer {
             if progs != last.0 {
                 last = (progs, Instant::now());
             }
-            let header = config != Config::PortTrace || fs::metadata(&self.out).map(|m| m.len() > 0).unwrap_or(false);
+            let header = !config.is_port_trace() || fs::metadata(&self.out).map(|m| m.len() > 0).unwrap_or(false);
             if progs > 0 && header && last.1.elapsed() > Duration::from_millis(500) {
                 return Ok(());
             }
@@ -679,7 +709,7 @@ fn run_one(
     stop(&mut tracer.child, "-INT", Duration::from_secs(10));
     let output = fs::read_to_string(&tracer.out).with_context(|| format!("cannot read {}", tracer.out.display()))?;
     let (events, lost) = match config {
-        Config::PortTrace => {
+        Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
             // Sockets found at startup (e.g. TIME_WAIT left by an earlier
             // run) are reported as `snapshot` allocations: not this run's.
             let allocs = output
@@ -705,7 +735,7 @@ fn run_one(
         Config::Bpftrace => {
             (output.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("Attaching")).count() as f64, None)
         }
-        Config::Untraced | Config::PortTraceRecord => (0.0, None),
+        Config::Untraced => (0.0, None),
     };
     let ns_per_tick = 1e9 / clk_tck();
     Ok(Sample {

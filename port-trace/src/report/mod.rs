@@ -4,6 +4,7 @@
 
 pub mod analysis;
 pub mod html;
+pub mod live;
 pub mod reader;
 pub mod text;
 
@@ -45,9 +46,16 @@ fn top(text: &str) -> Result<usize, String> {
 pub struct ReportArgs {
     /// Recordings (JSON Lines, plain or .zst); a file's rotated parts
     /// (FILE.1, FILE.2, ... or STEM.1.zst, ...) are read with it, oldest
-    /// first.
-    #[arg(value_name = "FILE", required = true)]
+    /// first. Without a file, --duration traces live and reports on that.
+    #[arg(value_name = "FILE", required_unless_present = "duration")]
     pub files: Vec<PathBuf>,
+    /// With no FILE: trace live for this long (30s, 5m; Ctrl-C ends it
+    /// early), then report.
+    #[arg(short = 'd', long, value_name = "DURATION", value_parser = crate::cli::parse_duration, conflicts_with = "files")]
+    pub duration: Option<std::time::Duration>,
+    /// With --duration: which hooks to use.
+    #[arg(long, value_enum, default_value = "auto", requires = "duration")]
+    pub backend: crate::cli::BackendArg,
     /// Output format.
     #[arg(short = 'f', long, value_enum, default_value = "text")]
     pub format: Format,
@@ -161,6 +169,11 @@ pub fn run_to(args: ReportArgs, out: &mut dyn Write) -> Result<()> {
         eprintln!("{message}");
     }
     let report = analysis::analyze(&recording, &query).map_err(UsageError)?;
+    write_report(&args, &report, out)
+}
+
+/// Writes the `--html` page, then the report in the chosen format to `out`.
+fn write_report(args: &ReportArgs, report: &analysis::Report, out: &mut dyn Write) -> Result<()> {
     if let Some(path) = &args.html {
         let mut file = create_private_file(path, args.force).map_err(|e| {
             if e.is_usage() {
@@ -169,11 +182,11 @@ pub fn run_to(args: ReportArgs, out: &mut dyn Write) -> Result<()> {
                 anyhow::Error::new(e)
             }
         })?;
-        file.write_all(html::render(&report).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        file.write_all(html::render(report).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     let body = match args.format {
-        Format::Text => text::render(&report),
-        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Text => text::render(report),
+        Format::Json => serde_json::to_string_pretty(report)? + "\n",
     };
     match out.write_all(body.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

@@ -80,9 +80,8 @@ impl Screen {
         let (sender, keys) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let reader_stop = Arc::clone(&stop);
-        let reader = std::thread::Builder::new()
-            .name("top-keys".to_string())
-            .spawn(move || read_keys(&sender, &reader_stop));
+        let reader =
+            std::thread::Builder::new().name("top-keys".to_string()).spawn(move || read_keys(&sender, &reader_stop));
         let reader = match reader {
             Ok(handle) => handle,
             Err(err) => {

@@ -91,7 +91,10 @@ fn render_header(frame: &mut Frame, view: &TopView, area: Rect) {
         bold(held.to_string()),
         Span::raw(format!(" (TIME_WAIT {time_wait}{hidden})")),
         separator(),
-        Span::raw(format!("allocs {}  releases {}  failures {}", counters.allocs, counters.releases, counters.alloc_fails)),
+        Span::raw(format!(
+            "allocs {}  releases {}  failures {}",
+            counters.allocs, counters.releases, counters.alloc_fails
+        )),
     ];
     if let Some(errno) = counters.last_fail_errno {
         second.push(Span::styled(format!(" (last {})", errno_name(errno)), Style::default().fg(Color::Red)));
@@ -204,10 +207,8 @@ fn table_cells(row: &PortRow, now_ns: u64, time_wait_ns: u64) -> [String; 9] {
     };
     let age = format_duration_ns(row.age_ns(now_ns));
     let age = if row.alloc_seen { age } else { format!(">{age}") };
-    let time_wait_left = row
-        .time_wait_left_ns(now_ns, time_wait_ns)
-        .map(|ns| format!("{}s", ns.div_ceil(NS_PER_S)))
-        .unwrap_or_default();
+    let time_wait_left =
+        row.time_wait_left_ns(now_ns, time_wait_ns).map(|ns| format!("{}s", ns.div_ceil(NS_PER_S))).unwrap_or_default();
     [
         row.lport.to_string(),
         row.proto.name().to_string(),
@@ -374,13 +375,21 @@ mod tests {
         let curl = port(1, 54012, "curl");
         view.on_record(&PortRecord { ts_ns: 10 * S, port: curl.clone(), body: alloc_body() }, 10 * S);
         view.on_record(
-            &PortRecord { ts_ns: 10 * S, port: curl, body: RecordBody::State { old: TcpState::SynSent, new: TcpState::Established } },
+            &PortRecord {
+                ts_ns: 10 * S,
+                port: curl,
+                body: RecordBody::State { old: TcpState::SynSent, new: TcpState::Established },
+            },
             10 * S,
         );
         let wget = port(2, 54013, "wget");
         view.on_record(&PortRecord { ts_ns: 20 * S, port: wget.clone(), body: alloc_body() }, 20 * S);
         view.on_record(
-            &PortRecord { ts_ns: 25 * S, port: wget, body: RecordBody::State { old: TcpState::FinWait2, new: TcpState::TimeWait } },
+            &PortRecord {
+                ts_ns: 25 * S,
+                port: wget,
+                body: RecordBody::State { old: TcpState::FinWait2, new: TcpState::TimeWait },
+            },
             25 * S,
         );
         let dig = port(3, 54014, "dig");
@@ -497,7 +506,10 @@ mod tests {
         let lines = draw(&mut view, 40 * S);
         let allocs = line_with(&lines, "allocs   now");
         assert!(allocs.contains("now    590  max    590"), "{allocs}");
-        assert!(allocs.trim_end_matches(['│', ' ']).ends_with('█'), "the newest bar, at the right edge, is full height: {allocs}");
+        assert!(
+            allocs.trim_end_matches(['│', ' ']).ends_with('█'),
+            "the newest bar, at the right edge, is full height: {allocs}"
+        );
         assert!(line_with(&lines, "releases now").contains("now    295  max    295"));
     }
 

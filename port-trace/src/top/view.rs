@@ -593,7 +593,8 @@ impl TopView {
         let mut haystack = String::new();
         let filter = self.filter.as_str();
         let keep = |row: &&PortRow| {
-            (self.show_time_wait || !row.in_time_wait()) && (filter.is_empty() || self.matches(row, filter, &mut haystack))
+            (self.show_time_wait || !row.in_time_wait())
+                && (filter.is_empty() || self.matches(row, filter, &mut haystack))
         };
         let mut shown: Vec<&PortRow> = match &self.frozen {
             Some(frozen) => frozen.rows.iter().filter(keep).collect(),
@@ -635,9 +636,10 @@ impl TopView {
     /// Ports held now and, of those, by TIME_WAIT sockets (live figures,
     /// also while paused).
     pub fn ports_in_use(&self) -> (usize, usize) {
-        self.rows.values().filter(|row| row.released.is_none()).fold((0, 0), |(held, tw), row| {
-            (held + 1, tw + usize::from(row.in_time_wait()))
-        })
+        self.rows
+            .values()
+            .filter(|row| row.released.is_none())
+            .fold((0, 0), |(held, tw), row| (held + 1, tw + usize::from(row.in_time_wait())))
     }
 
     /// Lost events to show: the larger of those counted by
