@@ -17,7 +17,7 @@
 //! `ip_local_reserved_ports`, which the kernel never hands out:
 //! `inet_is_local_reserved_port`), or else IANA's dynamic range.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::ops::RangeInclusive;
 
 use serde::Serialize;

@@ -152,7 +152,7 @@ impl Counts {
 struct JsonPort<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    ts: String,
+    ts: &'a str,
     proto: &'static str,
     family: &'static str,
     laddr: IpAddr,
@@ -164,7 +164,7 @@ struct JsonPort<'a> {
     netns: u32,
     cgroup: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    cgroup_path: Option<String>,
+    cgroup_path: Option<&'a str>,
     sock: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     started: Option<String>,
@@ -213,13 +213,26 @@ pub struct Output {
     lifecycles: bool,
     clock: BootClock,
     cgroups: crate::system::CgroupPaths,
+    /// Event stamps, formatted without allocating.
+    stamps: crate::clock::Rfc3339Writer,
+    /// One JSON line, built here and written with one call: the writer is
+    /// a trait object, and serde_json would call it once per token.
+    line: Vec<u8>,
 }
 
 impl Output {
     /// An output to `writer`. With `lifecycles`, only completed lifecycles
     /// (releases) are written, one line each.
     pub fn new(writer: Box<dyn Write + Send>, format: Format, lifecycles: bool, clock: BootClock) -> Self {
-        Self { writer, format, lifecycles, clock, cgroups: Default::default() }
+        Self {
+            writer,
+            format,
+            lifecycles,
+            clock,
+            cgroups: Default::default(),
+            stamps: crate::clock::Rfc3339Writer::new(clock),
+            line: Vec::with_capacity(1024),
+        }
     }
 
     /// The run's header: a JSON object, or the column titles.
@@ -292,9 +305,10 @@ impl Output {
 
     fn json_record(&mut self, rec: &PortRecord) -> io::Result<()> {
         let p = &rec.port;
+        let Output { writer, lifecycles, clock, cgroups, stamps, line: buf, .. } = self;
         let mut line = JsonPort {
             kind: rec.body.type_name(),
-            ts: self.clock.rfc3339(rec.ts_ns),
+            ts: stamps.format(rec.ts_ns),
             proto: p.proto.name(),
             family: p.family.name(),
             laddr: p.laddr,
@@ -305,7 +319,7 @@ impl Output {
             comm: &p.comm,
             netns: p.netns,
             cgroup: p.cgroup,
-            cgroup_path: self.cgroups.path(p.cgroup).map(str::to_string),
+            cgroup_path: cgroups.path(p.cgroup),
             sock: p.sock,
             started: None,
             origin: None,
@@ -332,16 +346,18 @@ impl Output {
             RecordBody::Release { reason, held_ns, origin, alloc_ts_ns } => {
                 line.reason = Some(reason.name());
                 line.held_ns = Some(*held_ns);
-                if self.lifecycles {
+                if *lifecycles {
                     line.kind = "lifecycle";
                     line.origin = origin.map(|o| o.name());
                     line.ephemeral = p.ephemeral;
-                    line.started = alloc_ts_ns.map(|ts| self.clock.rfc3339(ts));
+                    line.started = alloc_ts_ns.map(|ts| clock.rfc3339(ts));
                 }
             }
         }
-        serde_json::to_writer(&mut self.writer, &line)?;
-        self.writer.write_all(b"\n")
+        buf.clear();
+        serde_json::to_writer(&mut *buf, &line)?;
+        buf.push(b'\n');
+        writer.write_all(buf)
     }
 
     fn text_record(&mut self, rec: &PortRecord) -> io::Result<()> {

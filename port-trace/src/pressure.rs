@@ -41,7 +41,9 @@
 //! pool and the pool has not since been quiet for [`FAILURE_MEMORY_NS`] and
 //! below 95 %.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 

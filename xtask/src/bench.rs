@@ -76,7 +76,9 @@ const LEGEND: [&str; 5] = [
     "RATIO: throughput / untraced throughput (medians over rounds).",
     "EVENTS/CONNECTIONS: port-trace: `alloc` records (snapshot ones excluded); tcplife: lines (one per \
      session, both ends of a loopback connection); bpftrace: lines (one per TCP state change).",
-    "CPU ns/ev: tracer utime + stime over the workload / EVENTS (user space only; BPF runs in the workload).",
+    "CPU ns/ev: tracer utime + stime over the workload / records it wrote (port-trace: every record, \
+     alloc, state, release...; peers: lines); CPU ns/conn: the same / CONNECTIONS. User space only: BPF \
+     runs in the workload.",
     "PEAK RSS: the tracer's VmHWM.",
     "BPF ns/conn: run_time_ns of the tracer's programs (kernel.bpf_stats_enabled; with port-trace's own \
      TIME_WAIT walks) / CONNECTIONS.",
@@ -145,7 +147,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::PortTrace => "port-trace watch",
-            Config::PortTraceUnbatched => "port-trace watch (unbatched)",
+            Config::PortTraceUnbatched => "port-trace unbatched",
             Config::PortTraceRecord => "port-trace record",
             Config::Tcplife => "tcplife",
             Config::Bpftrace => "bpftrace",
@@ -164,6 +166,9 @@ struct Sample {
     errors: f64,
     /// Events the tracer delivered (port-trace: `alloc` records; peers: output lines).
     events: Option<f64>,
+    /// Records the tracer wrote (port-trace: every line but the header and
+    /// the summary; peers: their lines, as `events`).
+    records: Option<f64>,
     /// Events the tracer says it lost (port-trace's summary `lost`).
     lost: Option<f64>,
     /// Tracer CPU (utime + stime) over the workload, ns.
@@ -176,10 +181,14 @@ struct Sample {
 
 impl Sample {
     fn cpu_per_event(&self) -> Option<f64> {
-        match (self.tracer_cpu_ns, self.events) {
-            (Some(cpu), Some(events)) if events > 0.0 => Some(cpu / events),
+        match (self.tracer_cpu_ns, self.records) {
+            (Some(cpu), Some(records)) if records > 0.0 => Some(cpu / records),
             _ => None,
         }
+    }
+
+    fn cpu_per_connection(&self) -> Option<f64> {
+        self.tracer_cpu_ns.filter(|_| self.connections > 0.0).map(|cpu| cpu / self.connections)
     }
 
     fn bpf_total_ns(&self) -> Option<f64> {
@@ -708,7 +717,7 @@ fn run_one(
     };
     stop(&mut tracer.child, "-INT", Duration::from_secs(10));
     let output = fs::read_to_string(&tracer.out).with_context(|| format!("cannot read {}", tracer.out.display()))?;
-    let (events, lost) = match config {
+    let (events, records, lost) = match config {
         Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
             // Sockets found at startup (e.g. TIME_WAIT left by an earlier
             // run) are reported as `snapshot` allocations: not this run's.
@@ -725,17 +734,23 @@ fn run_one(
                 let err = fs::read_to_string(&tracer.err).unwrap_or_default();
                 bail!("port-trace wrote no summary: {}", err.trim());
             }
-            (allocs as f64, lost)
+            let records = output
+                .lines()
+                .filter(|l| !l.starts_with("{\"type\":\"header\"") && !l.starts_with("{\"type\":\"summary\""))
+                .count();
+            (allocs as f64, records as f64, lost)
         }
         // tcplife: one line per session after its header.
         Config::Tcplife => {
-            (output.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("PID")).count() as f64, None)
+            let lines = output.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("PID")).count() as f64;
+            (lines, lines, None)
         }
         // bpftrace: one line per event after "Attaching N probes...".
         Config::Bpftrace => {
-            (output.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("Attaching")).count() as f64, None)
+            let lines = output.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("Attaching")).count() as f64;
+            (lines, lines, None)
         }
-        Config::Untraced => (0.0, None),
+        Config::Untraced => (0.0, 0.0, None),
     };
     let ns_per_tick = 1e9 / clk_tck();
     Ok(Sample {
@@ -743,6 +758,7 @@ fn run_one(
         connections: load.connections,
         errors: load.errors,
         events: Some(events),
+        records: Some(records),
         lost,
         tracer_cpu_ns: Some((cpu_after - cpu_before) * ns_per_tick),
         peak_rss_kib,
@@ -829,6 +845,7 @@ struct Summary {
     events: Option<f64>,
     lost: Option<f64>,
     cpu_per_event: Option<f64>,
+    cpu_per_connection: Option<f64>,
     peak_rss_kib: Option<f64>,
     bpf_ns_per_connection: Option<f64>,
     bpf_programs: BTreeMap<String, (Option<f64>, Option<f64>)>,
@@ -853,6 +870,7 @@ fn summarize(samples: &[Sample]) -> Summary {
         events: m(&|s| s.events),
         lost: m(&|s| s.lost),
         cpu_per_event: m(&Sample::cpu_per_event),
+        cpu_per_connection: m(&Sample::cpu_per_connection),
         peak_rss_kib: m(&|s| s.peak_rss_kib),
         bpf_ns_per_connection: m(&Sample::bpf_ns_per_connection),
         bpf_programs,
@@ -873,7 +891,7 @@ fn render_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<18} {:>16} {:>7} {:>22} {:>6} {:>11} {:>9} {:>10}",
+        "{:<10} {:<20} {:>16} {:>7} {:>22} {:>6} {:>9} {:>11} {:>9} {:>11}",
         "WORKLOAD",
         "CONFIG",
         "THROUGHPUT",
@@ -881,6 +899,7 @@ fn render_table(
         "EVENTS/CONNECTIONS",
         "LOST",
         "CPU ns/ev",
+        "CPU ns/conn",
         "PEAK RSS",
         "BPF ns/conn"
     );
@@ -904,18 +923,19 @@ fn render_table(
                         events,
                         fmt(s.lost, 0),
                         fmt(s.cpu_per_event, 0),
+                        fmt(s.cpu_per_connection, 0),
                         s.peak_rss_kib.map(|k| format!("{:.1} MiB", k / 1024.0)).unwrap_or_else(|| "-".to_owned()),
                         fmt(s.bpf_ns_per_connection, 0),
                     ]
                 }
                 None => {
                     let why = if skipped.contains_key(config.name()) { "n/a" } else { "failed" };
-                    [why, "", "", "", "", "", ""].map(str::to_owned)
+                    [why, "", "", "", "", "", "", ""].map(str::to_owned)
                 }
             };
             let _ = writeln!(
                 out,
-                "{:<10} {:<18} {:>16} {:>7} {:>22} {:>6} {:>11} {:>9} {:>10}",
+                "{:<10} {:<20} {:>16} {:>7} {:>22} {:>6} {:>9} {:>11} {:>9} {:>11}",
                 workload.name(),
                 config.name(),
                 cells[0],
@@ -924,7 +944,8 @@ fn render_table(
                 cells[3],
                 cells[4],
                 cells[5],
-                cells[6]
+                cells[6],
+                cells[7]
             );
         }
     }
@@ -975,6 +996,7 @@ fn results_json(
                 ("events".into(), num(s.events)),
                 ("lost".into(), num(s.lost)),
                 ("tracer_cpu_ns_per_event".into(), num(s.cpu_per_event)),
+                ("tracer_cpu_ns_per_connection".into(), num(s.cpu_per_connection)),
                 ("peak_rss_kib".into(), num(s.peak_rss_kib)),
                 ("bpf_ns_per_connection".into(), num(s.bpf_ns_per_connection)),
                 ("bpf_programs".into(), Json::Arr(programs)),
