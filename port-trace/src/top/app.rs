@@ -116,6 +116,8 @@ impl Frontend for TopFrontend {
             status.lost = state.lost;
             self.view.set_status(status);
         }
+        // Bounded: the tracker's lookup by `sock` may scan (kprobe keying).
+        self.view.fill_states(4096, |sock| state.tracker.tcp_state(sock));
         self.view.tick(state.now_ns);
         self.screen.draw(&mut self.view, state.now_ns)?;
         Ok(true)

@@ -127,9 +127,14 @@ fn pool_label(pool: &PoolRow, with_netns: bool) -> String {
     format!("{netns}{} {} {target}", pool.proto.name(), pool.laddr)
 }
 
+/// Forecasts further out than this are shown only for pools at 50 % or more:
+/// with allocations and releases nearly balanced, the net rate is noise and
+/// an empty pool would read "full in 7h50m".
+const FORECAST_HORIZON_S: f64 = 600.0;
+
 fn forecast(pool: &PoolRow) -> Span<'static> {
     match pool.exhaust_in_s {
-        Some(secs) if secs.is_finite() && secs >= 0.0 => {
+        Some(secs) if secs.is_finite() && secs >= 0.0 && (secs <= FORECAST_HORIZON_S || pool.ratio() >= 0.5) => {
             let ns = (secs * NS_PER_S as f64).min(u64::MAX as f64) as u64;
             let style = if secs < 60.0 { Style::default().fg(Color::Red) } else { Style::default() };
             Span::styled(format!("full in {}", format_duration_ns(ns)), style)

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use crate::model::{Proto, ReleaseReason, TcpState};
+use crate::model::{Origin, Proto, ReleaseReason, TcpState};
 use crate::record::{PortRecord, PortRef, RecordBody};
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -343,6 +343,9 @@ pub struct TopView {
     frozen: Option<Frozen>,
     scroll: usize,
     page_rows: usize,
+    /// TCP sockets found by the start-up walk (their records carry no
+    /// state): asked of the tracker by [`TopView::fill_states`].
+    states_unknown: Vec<u64>,
 }
 
 impl TopView {
@@ -365,6 +368,7 @@ impl TopView {
             frozen: None,
             scroll: 0,
             page_rows: 10,
+            states_unknown: Vec::new(),
         }
     }
 
@@ -373,9 +377,12 @@ impl TopView {
     pub fn on_record(&mut self, record: &PortRecord, now_ns: u64) {
         self.tick(now_ns);
         match &record.body {
-            RecordBody::Alloc { .. } => {
+            RecordBody::Alloc { origin, .. } => {
                 self.counters.allocs += 1;
                 let sock = record.port.sock;
+                if *origin == Origin::Snapshot && record.port.proto == Proto::Tcp {
+                    self.states_unknown.push(sock);
+                }
                 let row = self.upsert(record);
                 // A second allocation for the socket key starts a new
                 // lifecycle: older queue entries must no longer name it.
@@ -520,6 +527,18 @@ impl TopView {
         }
     }
 
+    /// Sets the state of sockets found at start from `lookup` (the
+    /// tracker's view: the state the walk found), at most `limit` of them
+    /// per call; rows that learnt a state meanwhile keep it.
+    pub fn fill_states(&mut self, limit: usize, lookup: impl Fn(u64) -> Option<TcpState>) {
+        let take = self.states_unknown.len().min(limit);
+        for sock in self.states_unknown.drain(..take) {
+            if let Some(row) = self.rows.get_mut(&sock).filter(|r| r.state.is_none() && r.released.is_none()) {
+                row.state = lookup(sock);
+            }
+        }
+    }
+
     /// Acts on one key.
     pub fn handle_key(&mut self, key: KeyEvent) -> Action {
         if key.kind == KeyEventKind::Release {
@@ -589,7 +608,6 @@ impl TopView {
     /// The table's rows, filtered and sorted as shown (the frozen ones
     /// while paused).
     pub fn visible_rows(&self) -> Vec<&PortRow> {
-        let now_ns = self.table_now_ns();
         let mut haystack = String::new();
         let filter = self.filter.as_str();
         let keep = |row: &&PortRow| {
@@ -603,13 +621,19 @@ impl TopView {
         let sort = self.sort;
         shown.sort_unstable_by(|a, b| {
             let by_key = match sort {
-                SortKey::Age => a.age_ns(now_ns).cmp(&b.age_ns(now_ns)),
+                // By allocation time: a released row's age is frozen at the
+                // time it was held, which would put a port held for a moment
+                // seconds ago above newer ones.
+                SortKey::Age => b.since_ns.cmp(&a.since_ns),
                 SortKey::Port => Ordering::Equal,
                 SortKey::Comm => a.comm.cmp(&b.comm),
                 SortKey::State => a.state_text().cmp(b.state_text()),
                 SortKey::Pid => a.pid.cmp(&b.pid),
             };
-            by_key.then(a.lport.cmp(&b.lport)).then(a.sock.cmp(&b.sock))
+            // Ports held now come first: during a storm thousands of
+            // released rows fade out, and would bury the few that matter.
+            let held_first = a.released.is_some().cmp(&b.released.is_some());
+            held_first.then(by_key).then(a.lport.cmp(&b.lport)).then(a.sock.cmp(&b.sock))
         });
         shown
     }
@@ -708,7 +732,7 @@ impl TopView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Family, Origin};
+    use crate::model::Family;
     use std::net::Ipv4Addr;
 
     const S: u64 = NS_PER_S;
@@ -771,6 +795,20 @@ mod tests {
     }
 
     #[test]
+    fn sockets_found_at_start_get_their_state_from_the_lookup() {
+        let mut view = TopView::new(TopOptions::default());
+        let mut rec = alloc(1, port(7, 40000, "nginx", 42));
+        rec.body = RecordBody::Alloc { origin: Origin::Snapshot, ephemeral: false };
+        view.on_record(&rec, 1);
+        let shown = |v: &TopView| v.visible_rows().first().and_then(|r| r.state);
+        assert_eq!(shown(&view), None);
+        view.fill_states(0, |_| Some(TcpState::Listen));
+        assert_eq!(shown(&view), None, "limit 0 asks nothing");
+        view.fill_states(10, |sock| (sock == 7).then_some(TcpState::Listen));
+        assert_eq!(shown(&view), Some(TcpState::Listen));
+    }
+
+    #[test]
     fn sorts_by_each_key_in_the_cycle() {
         let mut view = three_ports();
         assert_eq!(view.sort_key(), SortKey::Age);
@@ -789,6 +827,21 @@ mod tests {
         assert_eq!(ports(&view), [40003, 40002, 40001]);
         view.handle_key(key(KeyCode::Char('s')));
         assert_eq!(view.sort_key(), SortKey::Age);
+    }
+
+    #[test]
+    fn age_sort_puts_held_ports_first_then_newest_allocations() {
+        let mut view = three_ports();
+        // Allocated at 4 s and released at once, its AGE shows 0ms; among
+        // the released rows it sorts by allocation time, but after every
+        // port still held (a storm's fading rows must not bury them).
+        view.on_record(&alloc(4 * S, port(4, 40004, "probe", 400)), 4 * S);
+        view.on_record(&release(4 * S, port(4, 40004, "probe", 400), ReleaseReason::Close, Some(0)), 4 * S);
+        view.on_record(&alloc(5 * S, port(5, 40005, "late", 500)), 5 * S);
+        view.on_record(&alloc(3 * S, port(6, 40006, "gone", 600)), 5 * S);
+        view.on_record(&release(3 * S, port(6, 40006, "gone", 600), ReleaseReason::Close, Some(0)), 5 * S);
+        view.tick(5 * S);
+        assert_eq!(ports(&view), [40005, 40002, 40003, 40001, 40004, 40006]);
     }
 
     #[test]
