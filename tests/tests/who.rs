@@ -208,7 +208,8 @@ fn a_listener_inside_the_range_gets_one_notice() {
         }
     }
     // The notice follows the LISTEN that caused it.
-    let listen_at = s.tracer.records.iter().position(|v| v["type"] == "state" && v["new"] == "LISTEN" && v["pid"] == pid);
+    let listen_at =
+        s.tracer.records.iter().position(|v| v["type"] == "state" && v["new"] == "LISTEN" && v["pid"] == pid);
     let notice_at = s.tracer.records.iter().position(|v| v["type"] == "notice");
     if !(listen_at.is_some() && notice_at > listen_at) {
         p.push(format!("the notice (record {notice_at:?}) does not follow the LISTEN (record {listen_at:?})"));
@@ -219,7 +220,9 @@ fn a_listener_inside_the_range_gets_one_notice() {
     }
     match sum["ephemeral_listeners"].as_array().map(Vec::as_slice) {
         Some([one]) if one["pid"] == pid && one["comm"] == comm.as_str() && one["lport"] == port => {}
-        other => p.push(format!("summary ephemeral_listeners: want one entry for {comm} pid {pid} port {port}, got {other:?}")),
+        other => p.push(format!(
+            "summary ephemeral_listeners: want one entry for {comm} pid {pid} port {port}, got {other:?}"
+        )),
     }
     assert!(p.is_empty(), "notice {n}:\n  {}\n{ctx}", p.join("\n  "));
     eprintln!("a_listener_inside_the_range_gets_one_notice: {:?}", t0.elapsed());
@@ -267,8 +270,7 @@ fn who_names_the_listener() {
     let t0 = Instant::now();
     let ns = namespace();
     let tag = format!("tag-who-{}", std::process::id());
-    let l = Listener::start(&ns, Path::new(LISTENER), PORT, "pt-who-holder", None, &[&tag], LISTENER_TIMEOUT)
-        .unwrap();
+    let l = Listener::start(&ns, Path::new(LISTENER), PORT, "pt-who-holder", None, &[&tag], LISTENER_TIMEOUT).unwrap();
     let netns = path_str(&ns);
     let port = PORT.to_string();
 

@@ -27,11 +27,21 @@ pub fn escape(text: &str) -> String {
 }
 
 const WIDTH: f64 = 860.0;
-const HEIGHT: f64 = 280.0;
+const HEIGHT: f64 = 300.0;
 const LEFT: f64 = 64.0;
 const RIGHT: f64 = 16.0;
-const TOP: f64 = 28.0;
+/// Room above the plot area for the title and [`LEGEND_ROWS`] rows of
+/// legend.
+const TOP: f64 = 60.0;
 const BOTTOM: f64 = 48.0;
+/// Legend rows under the title; entries that do not fit are counted in a
+/// last "+N more".
+const LEGEND_ROWS: usize = 2;
+/// The first legend row's top, and the distance between rows.
+const LEGEND_Y: f64 = 26.0;
+const LEGEND_ROW_HEIGHT: f64 = 16.0;
+/// An estimate of the width of one character of the legend (font-size 11).
+const LEGEND_CHAR_WIDTH: f64 = 6.5;
 
 /// Colours of series (none white, all visible on the white background).
 const PALETTE: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
@@ -150,17 +160,56 @@ impl Plot {
         );
     }
 
+    /// The legend in rows under the title, left to right (never over the
+    /// title, whatever the labels' lengths).
     fn legend(&mut self, entries: &[(String, &str)]) {
-        let mut x = WIDTH - RIGHT - 10.0;
-        // Right-aligned: lay out from the right edge.
-        for (label, color) in entries.iter().rev() {
-            let width = 22.0 + 6.5 * label.chars().count() as f64;
-            x -= width;
+        let right = WIDTH - RIGHT;
+        let max_chars = ((right - LEFT - 22.0) / LEGEND_CHAR_WIDTH) as usize;
+        let width = |label: &str| 22.0 + LEGEND_CHAR_WIDTH * label.chars().count() as f64;
+        // (x, row, label, color) of the entries that fit.
+        let mut placed: Vec<(f64, usize, String, &str)> = Vec::new();
+        let (mut x, mut row) = (LEFT, 0);
+        for (label, color) in entries {
+            let label: String = if label.chars().count() > max_chars {
+                label.chars().take(max_chars.saturating_sub(1)).chain(std::iter::once('\u{2026}')).collect()
+            } else {
+                label.clone()
+            };
+            if x + width(&label) > right && x > LEFT {
+                (x, row) = (LEFT, row + 1);
+            }
+            if row >= LEGEND_ROWS {
+                break;
+            }
+            placed.push((x, row, label.clone(), *color));
+            x += width(&label);
+        }
+        let mut hidden = entries.len() - placed.len();
+        let mut more_at = None;
+        while hidden > 0 {
+            let (end, row) = placed.last().map_or((LEFT, 0), |(x, row, label, _)| (x + width(label), *row));
+            if end + width(&format!("+{hidden} more")) - 16.0 <= right || placed.is_empty() {
+                more_at = Some((end, row));
+                break;
+            }
+            placed.pop();
+            hidden += 1;
+        }
+        for (x, row, label, color) in &placed {
+            let y = LEGEND_Y + *row as f64 * LEGEND_ROW_HEIGHT;
             let _ = write!(
                 self.svg,
-                r#"<rect x="{x:.1}" y="9" width="12" height="12" fill="{color}" stroke="{color}"/><text x="{:.1}" y="19" font-size="11" fill="{color}">{}</text>"#,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="12" height="12" fill="{color}" stroke="{color}"/><text x="{:.1}" y="{:.1}" font-size="11" fill="{color}">{}</text>"#,
                 x + 16.0,
+                y + 10.0,
                 escape(label)
+            );
+        }
+        if let Some((x, row)) = more_at {
+            let _ = write!(
+                self.svg,
+                r##"<text x="{x:.1}" y="{:.1}" font-size="11" fill="#555555">+{hidden} more</text>"##,
+                LEGEND_Y + row as f64 * LEGEND_ROW_HEIGHT + 10.0
             );
         }
     }
@@ -594,6 +643,33 @@ mod tests {
             assert!(fig.contains("no data"), "{id}");
             assert_eq!(fig.matches("class=\"axis\"").count(), 2);
         }
+    }
+
+    #[test]
+    fn long_legends_wrap_under_the_title_and_count_the_rest() {
+        let mut plot = Plot::new("t", "x", "y", 1.0, 1.0, vec![]);
+        let labels: Vec<(String, &str)> =
+            (0..6).map(|i| (format!("[2001:db8:aaaa:bbbb:cccc:dddd:eeee:{i:04x}]:65535 udp"), PALETTE[i])).collect();
+        plot.legend(&labels);
+        let svg = plot.finish();
+        let rects: Vec<(f64, f64)> = svg
+            .match_indices("<rect x=\"")
+            .skip(1) // the background
+            .map(|(i, _)| {
+                let attr = |name: &str| -> f64 {
+                    let from = i + svg[i..].find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+                    svg[from..from + svg[from..].find('"').unwrap()].parse().unwrap()
+                };
+                (attr("x"), attr("y"))
+            })
+            .collect();
+        assert!(!rects.is_empty() && rects.len() < 6, "{svg}");
+        for (x, y) in &rects {
+            // Below the title (baseline 18), inside the frame, above the plot.
+            assert!(*y >= LEGEND_Y && y + 12.0 <= TOP, "{svg}");
+            assert!(*x >= LEFT && x + 22.0 + 6.5 * 50.0 <= WIDTH - RIGHT + 1e-9, "{svg}");
+        }
+        assert!(svg.contains(&format!(">+{} more</text>", 6 - rects.len())), "{svg}");
     }
 
     #[test]
