@@ -261,14 +261,17 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub trace: TraceArgs,
     /// The recording: JSON Lines, zstd-compressed when the name ends in
-    /// `.zst`; created 0600, never over an existing file unless --force.
+    /// `.zst`; created 0600, never over an existing file unless --force
+    /// (with --rotate-size an existing file is rotated away instead).
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: PathBuf,
-    /// Overwrite an existing recording (never through a symbolic link).
+    /// Overwrite an existing recording and delete its rotated parts (never
+    /// through a symbolic link).
     #[arg(long)]
     pub force: bool,
     /// Start a new file once this much is written (e.g. 100M); older files
-    /// become FILE.1, FILE.2, ...
+    /// become FILE.1, FILE.2, ... A file left by an earlier run (a restart)
+    /// is rotated away too, never overwritten.
     #[arg(long, value_name = "SIZE", value_parser = byte_size)]
     pub rotate_size: Option<u64>,
     /// Keep this many rotated files besides the current one.

@@ -14,7 +14,9 @@
 //!   For compressed files the number goes before the suffix, so every part
 //!   keeps it: `rec.jsonl.zst` → `rec.jsonl.1.zst`, `rec.jsonl.2.zst`, ...
 //!   ([`part_path`]). Each file starts with the same header line, so each
-//!   part reads on its own.
+//!   part reads on its own. A rotating recording that finds the live file of
+//!   an earlier run (a restarted recorder) rotates it away first: nothing
+//!   recorded before a crash is overwritten, and `--force` is not needed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -276,8 +278,16 @@ impl RecordWriter {
         if opts.rotate_size == Some(0) {
             return Err(RecordFileError::Invalid("the rotation size must be more than 0 bytes".into()));
         }
+        // A rotating recording that finds its live file from an earlier run
+        // (a restart after a crash or an OOM kill: the evidence) rotates it
+        // away like any full file, instead of refusing or truncating it.
+        let keep_earlier = opts.rotate_size.is_some() && !opts.force;
+        if keep_earlier && fs::symlink_metadata(&opts.path).is_ok_and(|m| m.file_type().is_file()) {
+            shift_parts(&opts.path, opts.rotate_count)
+                .map_err(|source| RecordFileError::Io { path: opts.path.clone(), source })?;
+        }
         let file = create_private_file(&opts.path, opts.force)?;
-        let stale = rotated_parts(&opts.path);
+        let stale = if keep_earlier { Vec::new() } else { rotated_parts(&opts.path) };
         if let Some((_, part)) = stale.first() {
             if !opts.force {
                 // Leave nothing behind: the new file is still empty.
@@ -360,26 +370,7 @@ impl RecordWriter {
         if let Some(sink) = self.sink.take() {
             sink.finish().map_err(context(format!("closing {}", self.path.display())))?;
         }
-        let remove = |path: &Path| match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(context(format!("removing {}", path.display()))(e)),
-            _ => Ok(()),
-        };
-        let rename = |from: &Path, to: &Path| match fs::rename(from, to) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(context(format!("renaming {} to {}", from.display(), to.display()))(e))
-            }
-            _ => Ok(()),
-        };
-        if self.rotate_count <= 1 {
-            remove(&self.path)?;
-        } else {
-            let oldest = (self.rotate_count - 1) as u64;
-            remove(&part_path(&self.path, oldest))?;
-            for n in (1..oldest).rev() {
-                rename(&part_path(&self.path, n), &part_path(&self.path, n + 1))?;
-            }
-            rename(&self.path, &part_path(&self.path, 1))?;
-        }
+        shift_parts(&self.path, self.rotate_count)?;
         let file = create_private_file(&self.path, false).map_err(|e| io::Error::other(e.to_string()))?;
         let mut sink = Sink::new(file, self.compressed)?;
         let header = self.header.as_deref().unwrap_or_default();
@@ -402,6 +393,32 @@ impl RecordWriter {
             None => line.extend_from_slice(chunk),
         }
     }
+}
+
+/// Moves the live file `path` to `path.1`, `.1` to `.2`, ..., deleting the
+/// part that would exceed `count` files (the live one included; with a count
+/// of 1 the live file itself is deleted).
+fn shift_parts(path: &Path, count: usize) -> io::Result<()> {
+    let context = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let remove = |path: &Path| match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(context(format!("removing {}", path.display()))(e)),
+        _ => Ok(()),
+    };
+    let rename = |from: &Path, to: &Path| match fs::rename(from, to) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(context(format!("renaming {} to {}", from.display(), to.display()))(e))
+        }
+        _ => Ok(()),
+    };
+    if count <= 1 {
+        return remove(path);
+    }
+    let oldest = (count - 1) as u64;
+    remove(&part_path(path, oldest))?;
+    for n in (1..oldest).rev() {
+        rename(&part_path(path, n), &part_path(path, n + 1))?;
+    }
+    rename(path, &part_path(path, 1))
 }
 
 impl Write for RecordWriter {
@@ -681,6 +698,32 @@ mod tests {
         let w = RecordWriter::create(&RecordFileOptions { force: true, ..RecordFileOptions::new(&path) }).unwrap();
         drop(w);
         assert!(!part_path(&path, 1).exists());
+    }
+
+    #[test]
+    fn a_restarted_rotating_recorder_keeps_the_earlier_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.jsonl");
+        fs::write(&path, b"h\nbefore the crash\n").unwrap();
+        fs::write(part_path(&path, 1), b"h\nolder\n").unwrap();
+        fs::write(part_path(&path, 2), b"h\noldest\n").unwrap();
+        let opts = RecordFileOptions { rotate_size: Some(1 << 20), rotate_count: 3, ..RecordFileOptions::new(&path) };
+        let mut w = RecordWriter::create(&opts).unwrap();
+        w.write_all(b"h\nafter the restart\n").unwrap();
+        drop(w);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "h\nafter the restart\n");
+        assert_eq!(fs::read_to_string(part_path(&path, 1)).unwrap(), "h\nbefore the crash\n");
+        assert_eq!(fs::read_to_string(part_path(&path, 2)).unwrap(), "h\nolder\n");
+        assert!(!part_path(&path, 3).exists(), "the oldest beyond the count is gone");
+        // A symbolic link in the file's place is still refused, not moved.
+        let target = dir.path().join("target");
+        fs::write(&target, b"x").unwrap();
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let opts = RecordFileOptions { rotate_size: Some(1 << 20), rotate_count: 3, ..RecordFileOptions::new(&link) };
+        assert!(RecordWriter::create(&opts).is_err());
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(!part_path(&link, 1).exists());
     }
 
     #[test]
