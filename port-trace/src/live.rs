@@ -534,6 +534,13 @@ impl Live {
     /// analysis' timers, the metrics page.
     fn refresh<F: Frontend>(&mut self, frontend: &mut F) -> io::Result<()> {
         let now = BootClock::boot_now_ns();
+        // A bound UDP socket that connected since is a client, not a
+        // listener; the tracker learnt the remote end without a record.
+        for (netns, sock) in self.analysis.notices.pending_binds() {
+            if self.pipeline.tracker.is_connected(sock) {
+                self.analysis.notices.on_connected(netns, sock);
+            }
+        }
         let mut derived = Vec::new();
         self.analysis.tick(now, &mut derived);
         for d in &derived {

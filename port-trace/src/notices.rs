@@ -309,6 +309,11 @@ impl ListenerNotices {
         }
     }
 
+    /// (netns, sock) of the UDP binds not decided yet.
+    pub fn pending_binds(&self) -> Vec<(u32, u64)> {
+        self.pending.keys().copied().collect()
+    }
+
     /// The socket connected without a record saying so (a UDP `connect()`
     /// on a bound socket learns the remote end silently): not a listener.
     pub fn on_connected(&mut self, netns: u32, sock: u64) {

@@ -285,6 +285,16 @@ impl Tracker {
         }
     }
 
+    /// Whether a followed socket has a remote end now (a UDP `connect()` on
+    /// a bound socket is learnt without a record), by its `sock`.
+    pub fn is_connected(&self, sock: u64) -> bool {
+        let connected = |t: &Tracked| t.endpoints.raddr.is_some();
+        match self.sockets.get(&sock).filter(|t| t.sock_id == 0 || t.sock_id == sock) {
+            Some(t) => connected(t),
+            None => self.sockets.values().find(|t| t.sock_id == sock).is_some_and(connected),
+        }
+    }
+
     /// Sockets followed now.
     pub fn tracked(&self) -> usize {
         self.sockets.len()

@@ -228,6 +228,60 @@ fn a_listener_inside_the_range_gets_one_notice() {
     eprintln!("a_listener_inside_the_range_gets_one_notice: {:?}", t0.elapsed());
 }
 
+/// UDP: a socket bound inside the range and left unconnected serves there
+/// (one notice, after the grace period that lets a client connect); one
+/// bound inside the range and then connected is a client on a fixed port
+/// (no notice), although the tracer learns that connect without a record.
+#[test]
+fn a_bound_udp_socket_is_noticed_unless_it_connects() {
+    if !require_root("a_bound_udp_socket_is_noticed_unless_it_connects") {
+        return;
+    }
+    let t0 = Instant::now();
+    let opts = SessionOptions { ephemeral_range: Some(RANGE), ..SessionOptions::default() };
+    let mut live = LiveSession::start(&opts).unwrap();
+    let server =
+        Listener::start(live.ns(), Path::new(LISTENER), PORT, "pt-udp-serve", None, &["--udp"], LISTENER_TIMEOUT)
+            .unwrap();
+    let client = Listener::start(
+        live.ns(),
+        Path::new(LISTENER),
+        PORT + 1,
+        "pt-udp-client",
+        None,
+        &["--udp", "--connect=127.0.0.1:40999"],
+        LISTENER_TIMEOUT,
+    )
+    .unwrap();
+    let tracer = live.tracer().expect("running");
+    let alloc_of = |v: &Value, l: &Listener| v["type"] == "alloc" && v["pid"] == l.pid && v["lport"] == l.port;
+    let noticed = tracer.wait_until(Duration::from_secs(10), |recs| {
+        recs.iter().any(|v| alloc_of(v, &server))
+            && recs.iter().any(|v| alloc_of(v, &client))
+            && recs.iter().any(|v| v["type"] == "notice")
+    });
+    // Time for a wrong second notice (the client's) to show.
+    tracer.wait_until(Duration::from_secs(2), |_| false);
+    let (server_pid, client_pid) = (server.pid, client.pid);
+    server.release(LISTENER_TIMEOUT).unwrap();
+    client.release(LISTENER_TIMEOUT).unwrap();
+    std::thread::sleep(DRAIN);
+    let s = live.finish(Truth { pid: server_pid, sockets: Vec::new() }).unwrap();
+    assert_run_ok(&s);
+    let ctx = format!("records:\n{}\nstderr:\n{}", s.tracer.dump(), s.tracer.stderr);
+    assert!(noticed, "no notice (or a missing alloc) within 10 s\n{ctx}");
+    let found = notices(&s);
+    assert_eq!(found.len(), 1, "want one notice, the unconnected socket's\n{ctx}");
+    let n = found[0];
+    assert_eq!(
+        (&n["pid"], &n["comm"], &n["lport"], &n["proto"]),
+        (&Value::from(server_pid), &Value::from("pt-udp-serve"), &Value::from(PORT), &Value::from("udp")),
+        "{ctx}"
+    );
+    assert!(found.iter().all(|v| v["pid"] != client_pid), "{ctx}");
+    eprintln!("a_bound_udp_socket_is_noticed_unless_it_connects: {:?}", t0.elapsed());
+}
+
 /// `--allow-listener PORT` (and `--allow-listener COMM`) silences the
 /// notice: the listener is traced (its LISTEN is there), no notice is
 /// written, and the summary lists no listener.
