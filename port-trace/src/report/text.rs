@@ -18,8 +18,9 @@ fn clock(rfc3339: &str) -> &str {
 
 fn seconds(s: Option<f64>) -> String {
     match s {
-        Some(s) if s == 0.0 => "0s".into(),
         Some(s) if s.is_finite() && s > 0.0 => human_duration((s * 1e9).round() as u64),
+        // `human_duration` says 0us.
+        Some(s) if s >= 0.0 => "0s".into(),
         _ => "-".into(),
     }
 }
