@@ -18,9 +18,11 @@ fn clock(rfc3339: &str) -> &str {
 
 fn seconds(s: Option<f64>) -> String {
     match s {
-        Some(s) if s.is_finite() && s > 0.0 => human_duration((s * 1e9).round() as u64),
-        // `human_duration` says 0us.
-        Some(s) if s >= 0.0 => "0s".into(),
+        // `human_duration` would say 0us.
+        Some(s) if s.is_finite() && s >= 0.0 => match (s * 1e9).round() as u64 {
+            0 => "0s".into(),
+            ns => human_duration(ns),
+        },
         _ => "-".into(),
     }
 }
