@@ -247,6 +247,7 @@ impl Plan {
                 metrics,
                 started_ns: started,
                 refreshes: 0,
+                deadline: None,
             },
         })
     }
@@ -364,6 +365,9 @@ struct Live {
     started_ns: u64,
     /// Refresh ticks so far.
     refreshes: u64,
+    /// The end `--duration` set: a walk still running then is abandoned,
+    /// so that the run ends on time however loaded the host is.
+    deadline: Option<std::time::Instant>,
 }
 
 /// Most events one synchronous drain handles (before and after a walk).
@@ -399,6 +403,11 @@ impl Live {
             self.pipeline.feed(&item, &mut stage)?;
         }
         Ok(false)
+    }
+
+    /// Whether `--duration` has run out.
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| std::time::Instant::now() >= d)
     }
 
     /// Feeds what the ring buffer holds to the pipeline: at most what a full
@@ -484,16 +493,32 @@ impl Live {
                 // Events that happened before the walk first, so that the
                 // walk compares with an up-to-date tracker.
                 self.drain(frontend)?;
+                if self.past_deadline() {
+                    // The run is over: its summary matters more than a walk
+                    // that a loaded host would make late.
+                    self.pipeline.tracker.abandon_walk();
+                    return Ok(());
+                }
                 match self.backend.walk(*proto, if own { None } else { path.as_deref() }) {
                     Ok(records) => {
+                        let deadline = self.deadline;
                         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
-                        for record in records.chunks_exact(std::mem::size_of::<port_trace_common::RawEvent>()) {
+                        let size = std::mem::size_of::<port_trace_common::RawEvent>();
+                        for (i, record) in records.chunks_exact(size).enumerate() {
+                            if i % 1024 == 1023 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                                self.pipeline.tracker.abandon_walk();
+                                return Ok(());
+                            }
                             self.pipeline.feed(record, &mut stage)?;
                         }
                         // What happened while the walk ran (a socket closed
                         // before the walk reached it, one opened after it
                         // passed) is in the ring: take it in before judging.
                         self.drain(frontend)?;
+                        if self.past_deadline() {
+                            self.pipeline.tracker.abandon_walk();
+                            return Ok(());
+                        }
                         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
                         self.pipeline.end_walk(BootClock::boot_now_ns(), &mut stage)?;
                     }
@@ -582,6 +607,7 @@ impl Live {
         // --duration counts from the header, the start of tracing (the end
         // is fixed now, not when the future is first polled).
         let end = duration.map(|d| tokio::time::Instant::now() + d);
+        self.deadline = end.map(tokio::time::Instant::into_std);
         let deadline = async move {
             match end {
                 Some(end) => tokio::time::sleep_until(end).await,

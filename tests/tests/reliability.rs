@@ -38,9 +38,10 @@ const CHURN: &str = env!("CARGO_BIN_EXE_port-churn");
 
 /// The most resident memory the tracer may use, in KiB (`VmHWM`, the
 /// kernel's high-water mark). For scale, measured on the 2-core development
-/// machine (debug build): about 85 MiB idle with the default 4 MiB ring
-/// buffer, 106 MiB idle with 16 MiB (the ring's pages are mapped twice);
-/// on top of that come the sockets the tracker follows.
+/// machine: the release build (what `cargo xtask test` runs) peaks at about
+/// 69 MiB in the soak with a 16 MiB ring buffer (the ring's pages are mapped
+/// twice); a debug build that falls behind and loses events peaks near the
+/// bound, following the sockets whose releases were lost.
 const RSS_BOUND_KIB: u64 = 150 * 1024;
 
 /// UDP port lifecycles of the soak.

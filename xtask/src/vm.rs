@@ -167,7 +167,8 @@ pub fn run(options: &Options) -> Result<()> {
     let kernel = ensure_kernel()?;
     check_config(&kernel, &backends)?;
 
-    let tracer = build::run(&build::Options { release: false })?;
+    // The release build, as on the host (see `test::run`).
+    let tracer = build::run(&build::Options { release: true })?;
     let tests = test_binaries()?;
 
     let vm_dir = util::workspace_root().join("target").join("vm");
