@@ -248,6 +248,7 @@ impl Plan {
                 started_ns: started,
                 refreshes: 0,
                 deadline: None,
+                lost_repaired: 0,
             },
         })
     }
@@ -368,6 +369,8 @@ struct Live {
     /// The end `--duration` set: a walk still running then is abandoned,
     /// so that the run ends on time however loaded the host is.
     deadline: Option<std::time::Instant>,
+    /// Events lost as of the last repair walk.
+    lost_repaired: u64,
 }
 
 /// Most events one synchronous drain handles (before and after a walk).
@@ -559,6 +562,9 @@ impl Live {
     /// analysis' timers, the metrics page.
     fn refresh<F: Frontend>(&mut self, frontend: &mut F) -> io::Result<()> {
         let now = BootClock::boot_now_ns();
+        // A lost release would make a closed UDP socket look like one that
+        // serves: judge no bind until a repair walk has run.
+        self.analysis.notices.hold_decisions(self.loss.events > self.lost_repaired);
         // A bound UDP socket that connected since is a client, not a
         // listener; the tracker learnt the remote end without a record.
         for (netns, sock) in self.analysis.notices.pending_binds() {
@@ -689,6 +695,7 @@ impl Live {
                         // know are allocations we lost: adopt them.
                         let namespaces = self.pipeline.tracker.namespaces();
                         self.walk(frontend, Some(&namespaces), &[Proto::Tcp, Proto::Udp], lost_more, lost_more)?;
+                        self.lost_repaired = lost_at_reconcile;
                     } else if self.time_wait_walks.is_some() {
                         let namespaces = self.pipeline.tracker.time_wait_namespaces();
                         if !namespaces.is_empty() {

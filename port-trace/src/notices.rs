@@ -238,6 +238,9 @@ pub struct ListenerNotices {
     summary: Vec<ListenerSummary>,
     unlisted: u64,
     silenced: u64,
+    /// Events were lost and no repair walk has run since: a pending bind's
+    /// release may be among them, so no bind is judged a listener yet.
+    hold: bool,
 }
 
 impl ListenerNotices {
@@ -320,9 +323,18 @@ impl ListenerNotices {
         self.pending.remove(&(netns, sock));
     }
 
+    /// While `hold` is set (events lost, not yet repaired by a walk), the
+    /// pending UDP binds wait instead of becoming notices.
+    pub fn hold_decisions(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
     /// Decides the UDP binds whose grace period has passed by `now_ns`
     /// (CLOCK_BOOTTIME); call about once a second.
     pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Notice>) {
+        if self.hold {
+            return;
+        }
         let due: Vec<(u32, u64)> = self
             .pending
             .iter()
@@ -701,6 +713,28 @@ mod tests {
         n.tick(5 * SEC, &mut out);
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(n.pending(), 0);
+    }
+
+    #[test]
+    fn no_bind_is_judged_while_lost_events_are_unrepaired() {
+        let mut n = notices();
+        let mut out = Vec::new();
+        n.on_record(&rec(SEC, port(10, Proto::Udp, 40000, None), alloc(Origin::Bind, false)), &mut out);
+        n.hold_decisions(true);
+        n.tick(5 * SEC, &mut out);
+        assert!(out.is_empty() && n.pending() == 1, "held: its release may have been lost");
+        // The repair walk found it closed: its (reconciled) release comes.
+        n.on_record(&rec(6 * SEC, port(10, Proto::Udp, 40000, None), release()), &mut out);
+        n.hold_decisions(false);
+        n.tick(7 * SEC, &mut out);
+        assert!(out.is_empty() && n.pending() == 0, "{out:?}");
+        // One still open after the repair is judged then.
+        n.on_record(&rec(8 * SEC, port(11, Proto::Udp, 40001, None), alloc(Origin::Bind, false)), &mut out);
+        n.hold_decisions(true);
+        n.tick(10 * SEC, &mut out);
+        n.hold_decisions(false);
+        n.tick(11 * SEC, &mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
