@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::filter::{parse_pids, parse_port_ranges};
+use crate::filter::{parse_pids, parse_port_ranges, Filter};
+use crate::model::{Family, Proto};
 use crate::output::Format;
 
 /// port-trace: follow every local port from allocation to release.
@@ -52,7 +53,8 @@ fn pid_list(s: &str) -> Result<PidList, String> {
     parse_pids(s).map(PidList)
 }
 
-fn port_list(s: &str) -> Result<PortList, String> {
+/// Parses `80,8000-8100` for a port option.
+pub(crate) fn port_list(s: &str) -> Result<PortList, String> {
     parse_port_ranges(s).map(PortList)
 }
 
@@ -136,9 +138,10 @@ pub enum BackendArg {
     Portable,
 }
 
-/// Options shared by every tracing command.
-#[derive(Clone, Debug, Args)]
-pub struct TraceArgs {
+/// Which sockets to show: the selection options shared by the tracing
+/// commands and `report`.
+#[derive(Clone, Debug, Default, Args)]
+pub struct SelectArgs {
     /// Only these processes (thread-group ids), e.g. 1234,5678.
     #[arg(short = 'p', long = "pid", value_name = "PID[,PID...]", value_parser = pid_list)]
     pub pids: Option<PidList>,
@@ -160,13 +163,45 @@ pub struct TraceArgs {
     /// Only this network namespace: /run/netns/NAME, /proc/PID/ns/net, or an inode.
     #[arg(long, value_name = "PATH|INODE")]
     pub netns: Option<String>,
+    /// Only ports the kernel chose itself (connect, bind(0), autobind).
+    #[arg(long)]
+    pub ephemeral_only: bool,
+}
+
+impl SelectArgs {
+    /// The record filter these options describe (`--netns` is applied
+    /// apart: in the kernel, or by the reader); `cgroup` is the resolved
+    /// `--cgroup` of the tracing commands.
+    pub fn filter(&self, cgroup: Option<u64>) -> Filter {
+        Filter {
+            pids: self.pids.clone().map(|p| p.0).unwrap_or_default(),
+            comm: self.comm.clone(),
+            ports: self.ports.clone().map(|p| p.0).unwrap_or_default(),
+            proto: self.proto.map(|p| match p {
+                ProtoArg::Tcp => Proto::Tcp,
+                ProtoArg::Udp => Proto::Udp,
+            }),
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(Family::Ipv4),
+                (_, true) => Some(Family::Ipv6),
+                _ => None,
+            },
+            cgroup,
+            ephemeral_only: self.ephemeral_only,
+        }
+    }
+}
+
+/// Options shared by every tracing command.
+#[derive(Clone, Debug, Args)]
+pub struct TraceArgs {
+    /// Which sockets.
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Only sockets whose owner was in this cgroup v2 (path, absolute or
     /// relative to the cgroup v2 root).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
-    /// Only ports the kernel chose itself (connect, bind(0), autobind).
-    #[arg(long)]
-    pub ephemeral_only: bool,
     /// Stop after this long: 30s, 5m, 1h.
     #[arg(short = 'd', long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -302,8 +337,8 @@ mod tests {
     fn watch_is_the_default_command() {
         let cli = parse(&["-p", "1,2", "--proto", "udp"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.watch.trace.pids, Some(PidList(vec![1, 2])));
-        assert_eq!(cli.watch.trace.proto, Some(ProtoArg::Udp));
+        assert_eq!(cli.watch.trace.select.pids, Some(PidList(vec![1, 2])));
+        assert_eq!(cli.watch.trace.select.proto, Some(ProtoArg::Udp));
     }
 
     #[test]
@@ -311,9 +346,9 @@ mod tests {
         let cli = parse(&["watch", "-f", "json", "-P", "80,1000-2000", "-d", "10s", "--lifecycles", "-6"]).unwrap();
         let Some(Command::Watch(w)) = cli.command else { panic!("not watch") };
         assert_eq!(w.format, Some(Format::Json));
-        assert_eq!(w.trace.ports, Some(PortList(vec![80..=80, 1000..=2000])));
+        assert_eq!(w.trace.select.ports, Some(PortList(vec![80..=80, 1000..=2000])));
         assert_eq!(w.trace.duration, Some(Duration::from_secs(10)));
-        assert!(w.lifecycles && w.trace.ipv6);
+        assert!(w.lifecycles && w.trace.select.ipv6);
     }
 
     #[test]

@@ -12,11 +12,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::analysis::{Analysis, Derived};
-use crate::cli::{BackendArg, ProtoArg, TraceArgs};
+use crate::cli::{BackendArg, TraceArgs};
 use crate::clock::BootClock;
 use crate::filter::Filter;
 use crate::kernel;
-use crate::model::{Family, Proto};
+use crate::model::Proto;
 use crate::output::{Counts, Header, Summary};
 use crate::pipeline::{Pipeline, RecordSink};
 use crate::privileges;
@@ -74,25 +74,11 @@ pub const TICK: Duration = Duration::from_millis(100);
 
 /// The filters of `TraceArgs` that run in userspace.
 pub fn build_filter(args: &TraceArgs) -> Result<Filter> {
-    Ok(Filter {
-        pids: args.pids.clone().map(|p| p.0).unwrap_or_default(),
-        comm: args.comm.clone(),
-        ports: args.ports.clone().map(|p| p.0).unwrap_or_default(),
-        proto: args.proto.map(|p| match p {
-            ProtoArg::Tcp => Proto::Tcp,
-            ProtoArg::Udp => Proto::Udp,
-        }),
-        family: match (args.ipv4, args.ipv6) {
-            (true, _) => Some(Family::Ipv4),
-            (_, true) => Some(Family::Ipv6),
-            _ => None,
-        },
-        cgroup: match &args.cgroup {
-            Some(path) => Some(system::resolve_cgroup(path).map_err(|e| UsageError(format!("{e:#}")))?),
-            None => None,
-        },
-        ephemeral_only: args.ephemeral_only,
-    })
+    let cgroup = match &args.cgroup {
+        Some(path) => Some(system::resolve_cgroup(path).map_err(|e| UsageError(format!("{e:#}")))?),
+        None => None,
+    };
+    Ok(args.select.filter(cgroup))
 }
 
 /// Maps the backend choice to the loader's.
@@ -137,7 +123,7 @@ impl Plan {
         let signals =
             Signals { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? };
         let filter = build_filter(trace)?;
-        let netns = match &trace.netns {
+        let netns = match &trace.select.netns {
             Some(arg) => Some(system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
             None => None,
         };
@@ -155,7 +141,15 @@ impl Plan {
             }
             None => None,
         };
-        Ok(Self { signals, filter, netns, netns_arg: trace.netns.clone(), trace: trace.clone(), metrics, analysis })
+        Ok(Self {
+            signals,
+            filter,
+            netns,
+            netns_arg: trace.select.netns.clone(),
+            trace: trace.clone(),
+            metrics,
+            analysis,
+        })
     }
 
     /// The network namespace inode `--netns` named.

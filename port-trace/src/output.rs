@@ -185,7 +185,9 @@ struct JsonPort<'a> {
     held_ns: Option<Option<u64>>,
 }
 
-fn endpoint(addr: Option<IpAddr>, port: Option<u16>) -> String {
+/// `addr:port` for a column (`[v6]:port`, `addr:*` without a port, `-`
+/// without an address).
+pub(crate) fn endpoint(addr: Option<IpAddr>, port: Option<u16>) -> String {
     match (addr, port) {
         (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
         (Some(a), Some(p)) => format!("{a}:{p}"),

@@ -17,20 +17,16 @@ use crate::clock::BootClock;
 use crate::filter::parse_port_ranges;
 use crate::model::{Family, Proto, TcpState};
 use crate::notices::port_fields_json;
-use crate::output::{human_duration, Format};
+use crate::output::{endpoint, human_duration, Format};
 use crate::owner::ProcessDetails;
 use crate::record::{PortRecord, PortRef, RecordBody};
 use crate::UsageError;
-
-fn port_list(s: &str) -> Result<PortList, String> {
-    parse_port_ranges(s).map(PortList)
-}
 
 /// `who` options.
 #[derive(Clone, Debug, Args)]
 pub struct WhoArgs {
     /// The ports to look up, e.g. 8080 or 80,443 or 8000-8100.
-    #[arg(value_name = "PORT[,PORT...]", value_parser = port_list, required_unless_present = "history")]
+    #[arg(value_name = "PORT[,PORT...]", value_parser = crate::cli::port_list, required_unless_present = "history")]
     pub ports: Vec<PortList>,
     /// Only this network namespace: /run/netns/NAME, /proc/PID/ns/net, or an inode.
     #[arg(long, value_name = "PATH|INODE")]
@@ -184,16 +180,6 @@ pub fn human_age(ns: u64) -> String {
 /// that would drive the terminal) with their escapes.
 fn printable(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-}
-
-fn endpoint(addr: Option<IpAddr>, port: Option<u16>) -> String {
-    match (addr, port) {
-        (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
-        (Some(a), Some(p)) => format!("{a}:{p}"),
-        (Some(IpAddr::V6(a)), None) => format!("[{a}]:*"),
-        (Some(a), None) => format!("{a}:*"),
-        _ => "-".to_string(),
-    }
 }
 
 /// Lays out rows as columns separated by two spaces; the last column is not
@@ -714,8 +700,8 @@ impl crate::live::Frontend for WhoFrontend {
 /// the duration; nothing else filtered.
 fn trace_args(args: &WhoArgs, ports: &[RangeInclusive<u16>]) -> crate::cli::TraceArgs {
     let mut trace = crate::cli::TraceArgs::defaults();
-    trace.ports = Some(PortList(ports.to_vec()));
-    trace.netns = args.netns.clone();
+    trace.select.ports = Some(PortList(ports.to_vec()));
+    trace.select.netns = args.netns.clone();
     trace.backend = args.backend;
     trace.duration = args.duration;
     trace

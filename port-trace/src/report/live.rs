@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::{analysis, bad_line_messages, reader, ReportArgs};
+use super::{reader, ReportArgs};
 use crate::cli::TraceArgs;
 use crate::live::Plan;
 use crate::output::{Format, Output};
@@ -18,18 +18,11 @@ use crate::recording::{RecordFileOptions, RecordWriter};
 use crate::watch::LineFrontend;
 use crate::UsageError;
 
-/// The trace options a live report runs with: its filters (also applied in
-/// the kernel where they can be), its duration and backend.
+/// The trace options a live report runs with: its selection (also applied
+/// in the kernel where it can be), its duration and backend.
 fn trace_args(args: &ReportArgs) -> TraceArgs {
     let mut trace = TraceArgs::defaults();
-    trace.pids = args.pids.clone();
-    trace.comm = args.comm.clone();
-    trace.ports = args.ports.clone();
-    trace.proto = args.proto;
-    trace.ipv4 = args.ipv4;
-    trace.ipv6 = args.ipv6;
-    trace.netns = args.netns.clone();
-    trace.ephemeral_only = args.ephemeral_only;
+    trace.select = args.select.clone();
     trace.duration = args.duration;
     trace.backend = args.backend;
     trace
@@ -66,10 +59,7 @@ pub async fn run(args: ReportArgs) -> Result<()> {
     let recording = reader::read_recordings(std::slice::from_ref(&temp.0))
         .with_context(|| format!("reading back the live trace {}", temp.0.display()))?;
     drop(temp);
-    for message in bad_line_messages(&recording) {
-        eprintln!("{message}");
-    }
-    let mut report = analysis::analyze(&recording, &query).map_err(UsageError)?;
+    let mut report = super::analyze_reporting_bad_lines(&recording, &query)?;
     // The temporary file is gone: name what was read instead.
     report.files = vec!["(live trace)".to_string()];
     super::write_report(&args, &report, &mut io::stdout().lock())
@@ -94,9 +84,9 @@ mod tests {
         assert!(cli.args.files.is_empty());
         let trace = trace_args(&cli.args);
         assert_eq!(trace.duration, Some(std::time::Duration::from_secs(5)));
-        assert_eq!(trace.comm.as_deref(), Some("curl"));
-        assert!(trace.ipv4 && !trace.ipv6);
-        assert!(trace.ports.is_some() && trace.proto.is_some());
+        assert_eq!(trace.select.comm.as_deref(), Some("curl"));
+        assert!(trace.select.ipv4 && !trace.select.ipv6);
+        assert!(trace.select.ports.is_some() && trace.select.proto.is_some());
     }
 
     #[test]

@@ -14,9 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::cli::{PidList, PortList, ProtoArg};
-use crate::filter::{parse_pids, parse_port_ranges, Filter};
-use crate::model::{Family, Proto};
+use crate::cli::SelectArgs;
 use crate::output::Format;
 use crate::recording::create_private_file;
 use crate::UsageError;
@@ -25,14 +23,6 @@ use reader::Recording;
 
 /// Bad lines printed on stderr before "... and N more".
 pub const MAX_PRINTED_BAD_LINES: usize = 20;
-
-fn pids(text: &str) -> Result<PidList, String> {
-    parse_pids(text).map(PidList)
-}
-
-fn ports(text: &str) -> Result<PortList, String> {
-    parse_port_ranges(text).map(PortList)
-}
 
 fn top(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
@@ -66,32 +56,9 @@ pub struct ReportArgs {
     /// Overwrite the --html file if it exists.
     #[arg(long, requires = "html")]
     pub force: bool,
-    /// Only these processes (thread-group ids), e.g. 1234,5678.
-    #[arg(short = 'p', long = "pid", value_name = "PID[,PID...]", value_parser = pids)]
-    pub pids: Option<PidList>,
-    /// Only this command name (as the kernel truncates it, 15 bytes).
-    #[arg(short = 'c', long, value_name = "NAME")]
-    pub comm: Option<String>,
-    /// Only these local ports, e.g. 80,8000-8100.
-    #[arg(short = 'P', long = "port", value_name = "PORT|LO-HI[,...]", value_parser = ports)]
-    pub ports: Option<PortList>,
-    /// Only this protocol.
-    #[arg(long, value_enum)]
-    pub proto: Option<ProtoArg>,
-    /// Only IPv4 sockets.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
-    /// Only IPv6 sockets (v4-mapped included).
-    #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
-    /// Only this network namespace: an inode, or /run/netns/NAME or
-    /// /proc/PID/ns/net of this machine.
-    #[arg(long, value_name = "PATH|INODE")]
-    pub netns: Option<String>,
-    /// Only ports the kernel chose itself (connect, bind(0), autobind), and
-    /// failures to choose one.
-    #[arg(long)]
-    pub ephemeral_only: bool,
+    /// Which sockets.
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Start at this time (RFC 3339, UTC unless an offset is given), or this
     /// long before the end of the recording (10m, 1h).
     #[arg(long, value_name = "TIME|DURATION", value_parser = parse_time_bound)]
@@ -107,32 +74,11 @@ pub struct ReportArgs {
 impl ReportArgs {
     /// The query these options describe (`--netns` paths resolved here).
     pub fn query(&self) -> Result<Query> {
-        let netns = match &self.netns {
+        let netns = match &self.select.netns {
             Some(arg) => Some(crate::system::resolve_netns(arg).map_err(|e| UsageError(format!("{e:#}")))?),
             None => None,
         };
-        Ok(Query {
-            filter: Filter {
-                pids: self.pids.clone().map(|p| p.0).unwrap_or_default(),
-                comm: self.comm.clone(),
-                ports: self.ports.clone().map(|p| p.0).unwrap_or_default(),
-                proto: self.proto.map(|p| match p {
-                    ProtoArg::Tcp => Proto::Tcp,
-                    ProtoArg::Udp => Proto::Udp,
-                }),
-                family: match (self.ipv4, self.ipv6) {
-                    (true, _) => Some(Family::Ipv4),
-                    (_, true) => Some(Family::Ipv6),
-                    _ => None,
-                },
-                cgroup: None,
-                ephemeral_only: self.ephemeral_only,
-            },
-            netns,
-            since: self.since,
-            until: self.until,
-            top: self.top,
-        })
+        Ok(Query { filter: self.select.filter(None), netns, since: self.since, until: self.until, top: self.top })
     }
 }
 
@@ -165,11 +111,16 @@ pub fn run(args: ReportArgs) -> Result<()> {
 pub fn run_to(args: ReportArgs, out: &mut dyn Write) -> Result<()> {
     let query = args.query()?;
     let recording = reader::read_recordings(&args.files)?;
-    for message in bad_line_messages(&recording) {
+    let report = analyze_reporting_bad_lines(&recording, &query)?;
+    write_report(&args, &report, out)
+}
+
+/// Analyses a recording after naming its unreadable lines on stderr.
+fn analyze_reporting_bad_lines(recording: &Recording, query: &Query) -> Result<analysis::Report> {
+    for message in bad_line_messages(recording) {
         eprintln!("{message}");
     }
-    let report = analysis::analyze(&recording, &query).map_err(UsageError)?;
-    write_report(&args, &report, out)
+    Ok(analysis::analyze(recording, query).map_err(UsageError)?)
 }
 
 /// Writes the `--html` page, then the report in the chosen format to `out`.
@@ -203,6 +154,7 @@ mod tests {
 
     use super::reader::tests::{event, HEADER};
     use super::*;
+    use crate::model::{Family, Proto};
 
     #[derive(Debug, Parser)]
     struct Cli {

@@ -7,7 +7,7 @@ use std::io;
 use anyhow::{Context, Result};
 
 use super::terminal::Screen;
-use super::view::{Action, PoolRow, Status, TopOptions, TopView};
+use super::view::{Action, Status, TopOptions, TopView};
 use crate::analysis::Derived;
 use crate::cli::TopArgs;
 use crate::live::{Frontend, LiveState, Plan};
@@ -39,22 +39,7 @@ impl TopFrontend {
                 ranges.push((netns, range.low, range.high, size));
             }
         }
-        let pools = state
-            .analysis
-            .pools
-            .busiest(POOLS_SHOWN)
-            .into_iter()
-            .map(|p| PoolRow {
-                netns: p.key.netns,
-                proto: p.key.proto,
-                laddr: p.key.laddr,
-                raddr: p.key.raddr,
-                rport: p.key.rport,
-                used: p.used,
-                capacity: p.capacity,
-                exhaust_in_s: p.exhaust_in_s,
-            })
-            .collect();
+        let pools = state.analysis.pools.busiest(POOLS_SHOWN);
         Status {
             backend: self.backend.clone(),
             events_per_s: self.events_per_s,

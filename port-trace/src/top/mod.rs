@@ -11,4 +11,4 @@ pub mod view;
 
 pub use app::run;
 pub use terminal::{restore_terminal, Screen};
-pub use view::{Action, PoolRow, SortKey, Status, TopOptions, TopView};
+pub use view::{Action, SortKey, Status, TopOptions, TopView};

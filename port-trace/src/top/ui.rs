@@ -8,8 +8,9 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Cell, Clear, LineGauge, Paragraph, Row, Sparkline, Table};
 use ratatui::Frame;
 
-use super::view::{format_duration_ns, format_endpoint, PoolRow, PortRow, TopView};
+use super::view::{format_duration_ns, format_endpoint, PortRow, TopView};
 use crate::model::errno_name;
+use crate::pressure::PoolStatus;
 
 /// Most pools the pressure pane lists.
 const MAX_POOLS_SHOWN: usize = 4;
@@ -117,14 +118,24 @@ fn render_header(frame: &mut Frame, view: &TopView, area: Rect) {
     frame.render_widget(Paragraph::new(vec![first, Line::from(second)]).block(block), area);
 }
 
-fn pool_label(pool: &PoolRow, with_netns: bool) -> String {
-    let netns = if with_netns { format!("[{}] ", pool.netns) } else { String::new() };
-    let target = match (pool.raddr, pool.rport) {
+/// `used / capacity` for the bar: within 0..=1 (0 for an empty range).
+fn shown_ratio(pool: &PoolStatus) -> f64 {
+    if pool.ratio.is_finite() {
+        pool.ratio.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+fn pool_label(pool: &PoolStatus, with_netns: bool) -> String {
+    let key = &pool.key;
+    let netns = if with_netns { format!("[{}] ", key.netns) } else { String::new() };
+    let target = match (key.raddr, key.rport) {
         (Some(raddr), Some(rport)) => format!("→ {}", format_endpoint(raddr, rport)),
         (Some(raddr), None) => format!("→ {raddr}"),
         _ => "(bind)".to_string(),
     };
-    format!("{netns}{} {} {target}", pool.proto.name(), pool.laddr)
+    format!("{netns}{} {} {target}", key.proto.name(), key.laddr)
 }
 
 /// Forecasts further out than this are shown only for pools at 50 % or more:
@@ -132,9 +143,9 @@ fn pool_label(pool: &PoolRow, with_netns: bool) -> String {
 /// an empty pool would read "full in 7h50m".
 const FORECAST_HORIZON_S: f64 = 600.0;
 
-fn forecast(pool: &PoolRow) -> Span<'static> {
+fn forecast(pool: &PoolStatus) -> Span<'static> {
     match pool.exhaust_in_s {
-        Some(secs) if secs.is_finite() && secs >= 0.0 && (secs <= FORECAST_HORIZON_S || pool.ratio() >= 0.5) => {
+        Some(secs) if secs.is_finite() && secs >= 0.0 && (secs <= FORECAST_HORIZON_S || shown_ratio(pool) >= 0.5) => {
             let ns = (secs * NS_PER_S as f64).min(u64::MAX as f64) as u64;
             let style = if secs < 60.0 { Style::default().fg(Color::Red) } else { Style::default() };
             Span::styled(format!("full in {}", format_duration_ns(ns)), style)
@@ -148,13 +159,13 @@ fn render_pressure(frame: &mut Frame, view: &TopView, area: Rect) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let status = view.status();
-    let mut pools: Vec<&PoolRow> = status.pools.iter().collect();
+    let mut pools: Vec<&PoolStatus> = status.pools.iter().collect();
     if pools.is_empty() {
         let text = Span::styled("no pool in use yet", Style::default().fg(Color::DarkGray));
         frame.render_widget(Paragraph::new(Line::from(text)), inner);
         return;
     }
-    pools.sort_by(|a, b| b.ratio().total_cmp(&a.ratio()).then(b.used.cmp(&a.used)));
+    pools.sort_by(|a, b| shown_ratio(b).total_cmp(&shown_ratio(a)).then(b.used.cmp(&a.used)));
     let with_netns = status.ranges.len() > 1;
     let label_width = (inner.width / 2).min(50);
     for (pool, row) in pools.iter().zip(inner.rows()) {
@@ -163,7 +174,7 @@ fn render_pressure(frame: &mut Frame, view: &TopView, area: Rect) {
                 .spacing(1)
                 .areas(row);
         frame.render_widget(Paragraph::new(pool_label(pool, with_netns)), label);
-        let ratio = pool.ratio();
+        let ratio = shown_ratio(pool);
         let color = if ratio >= 0.9 {
             Color::Red
         } else if ratio >= 0.7 {
@@ -314,6 +325,7 @@ fn render_help(frame: &mut Frame, view: &TopView) {
 mod tests {
     use super::*;
     use crate::model::{Family, Origin, Proto, ReleaseReason, TcpState};
+    use crate::pressure::PoolKey;
     use crate::record::{PortRecord, PortRef, RecordBody};
     use crate::top::view::{Status, TopOptions};
     use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -340,6 +352,26 @@ mod tests {
         }
     }
 
+    fn pool(proto: Proto, dest: Option<(IpAddr, u16)>, used: u32, exhaust_in_s: Option<f64>) -> PoolStatus {
+        let laddr = match dest {
+            Some(_) => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let key = PoolKey { netns: 4026531840, proto, laddr, raddr: dest.map(|d| d.0), rport: dest.map(|d| d.1) };
+        PoolStatus { key, used, capacity: 28232, ratio: f64::from(used) / 28232.0, exhaust_in_s }
+    }
+
+    #[test]
+    fn bars_are_bounded() {
+        let mut p = pool(Proto::Tcp, None, 5, None);
+        p.ratio = f64::NAN;
+        assert_eq!(shown_ratio(&p), 0.0);
+        p.ratio = 1.7;
+        assert_eq!(shown_ratio(&p), 1.0);
+        p.ratio = 0.25;
+        assert_eq!(shown_ratio(&p), 0.25);
+    }
+
     fn status() -> Status {
         Status {
             backend: "precise".to_string(),
@@ -347,26 +379,8 @@ mod tests {
             lost: 7,
             ranges: vec![(4026531840, 32768, 60999, 28232)],
             pools: vec![
-                PoolRow {
-                    netns: 4026531840,
-                    proto: Proto::Tcp,
-                    laddr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
-                    raddr: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
-                    rport: Some(8080),
-                    used: 21174,
-                    capacity: 28232,
-                    exhaust_in_s: Some(42.0),
-                },
-                PoolRow {
-                    netns: 4026531840,
-                    proto: Proto::Udp,
-                    laddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    raddr: None,
-                    rport: None,
-                    used: 10,
-                    capacity: 28232,
-                    exhaust_in_s: None,
-                },
+                pool(Proto::Tcp, Some((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 8080)), 21174, Some(42.0)),
+                pool(Proto::Udp, None, 10, None),
             ],
             churn_history: (0..60).map(|i| (i * 10, i * 5)).collect(),
         }

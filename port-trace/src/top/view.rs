@@ -39,38 +39,6 @@ impl Default for TopOptions {
     }
 }
 
-/// One pool of ports and how full it is, for the pressure pane.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PoolRow {
-    /// Network namespace inode.
-    pub netns: u32,
-    /// Protocol.
-    pub proto: Proto,
-    /// Local address.
-    pub laddr: IpAddr,
-    /// Destination address (`None` for bind/UDP pools).
-    pub raddr: Option<IpAddr>,
-    /// Destination port (`None` for bind/UDP pools).
-    pub rport: Option<u16>,
-    /// Ports of the pool in use.
-    pub used: u32,
-    /// Ports the pool can use at most.
-    pub capacity: u32,
-    /// Forecast seconds until the pool is full at the current net rate;
-    /// `None` when it is not filling.
-    pub exhaust_in_s: Option<f64>,
-}
-
-impl PoolRow {
-    /// `used / capacity`, within 0..=1 (0 for an empty capacity).
-    pub fn ratio(&self) -> f64 {
-        if self.capacity == 0 {
-            return 0.0;
-        }
-        (f64::from(self.used) / f64::from(self.capacity)).clamp(0.0, 1.0)
-    }
-}
-
 /// What the trace loop knows once a tick, shown in the header, pressure and
 /// churn panes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,7 +52,7 @@ pub struct Status {
     /// Ephemeral range per traced namespace: (netns inode, low, high, usable ports).
     pub ranges: Vec<(u32, u16, u16, u32)>,
     /// Pools of ports and how full they are (any order).
-    pub pools: Vec<PoolRow>,
+    pub pools: Vec<crate::pressure::PoolStatus>,
     /// (allocations, releases) per second over the last 60 s, oldest first.
     pub churn_history: Vec<(u64, u64)>,
 }
@@ -1072,23 +1040,6 @@ mod tests {
         assert_eq!(view.lost(), 5);
         view.set_status(Status { lost: 12, ..Status::default() });
         assert_eq!(view.lost(), 12);
-    }
-
-    #[test]
-    fn pool_ratio_is_bounded() {
-        let pool = |used, capacity| PoolRow {
-            netns: 1,
-            proto: Proto::Tcp,
-            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            raddr: None,
-            rport: None,
-            used,
-            capacity,
-            exhaust_in_s: None,
-        };
-        assert_eq!(pool(5, 0).ratio(), 0.0);
-        assert_eq!(pool(50, 10).ratio(), 1.0);
-        assert_eq!(pool(1, 4).ratio(), 0.25);
     }
 
     #[test]
