@@ -4,7 +4,6 @@
 //! renderers and the history of a recording.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -15,11 +14,12 @@ use serde_json::{json, Map, Value};
 use crate::cli::{BackendArg, PortList};
 use crate::clock::BootClock;
 use crate::filter::parse_port_ranges;
-use crate::model::{Family, Proto, TcpState};
+use crate::model::{Proto, TcpState};
 use crate::notices::port_fields_json;
 use crate::output::{endpoint, human_duration, Format};
 use crate::owner::ProcessDetails;
 use crate::record::{PortRecord, PortRef, RecordBody};
+use crate::report::reader::{self, Line};
 use crate::UsageError;
 
 /// `who` options.
@@ -339,46 +339,33 @@ impl Holding {
 pub struct History {
     /// In order of start (held since before the recording first).
     pub holdings: Vec<Holding>,
-    /// Lines that were not records port-trace writes.
-    pub bad_lines: u64,
     /// Events the kernel lost while recording (holders may be missing).
     pub lost: u64,
     /// The recording's first and last time stamps.
     pub span: Option<(SystemTime, SystemTime)>,
 }
 
-fn parse_ts(v: &Value, field: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339_weak(v.get(field)?.as_str()?).ok()
+/// Nanoseconds since the Unix epoch (as recordings are read) as a time.
+fn system_time(ns: i64) -> Option<SystemTime> {
+    u64::try_from(ns).ok().map(|ns| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
 }
 
-/// The port fields of a JSON Lines record.
-pub fn port_ref_from_json(v: &Value) -> Option<PortRef> {
-    let proto = match v.get("proto")?.as_str()? {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => return None,
-    };
-    let family = match v.get("family")?.as_str()? {
-        "ipv4" => Family::Ipv4,
-        "ipv6" => Family::Ipv6,
-        _ => return None,
-    };
-    let addr = |field: &str| v.get(field).and_then(Value::as_str).and_then(|s| s.parse::<IpAddr>().ok());
-    let port = |field: &str| v.get(field).and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok());
-    Some(PortRef {
-        sock: v.get("sock")?.as_u64()?,
-        netns: u32::try_from(v.get("netns")?.as_u64()?).ok()?,
-        proto,
-        family,
-        laddr: addr("laddr")?,
-        lport: port("lport")?,
-        raddr: addr("raddr"),
-        rport: port("rport"),
-        pid: v.get("pid").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
-        comm: v.get("comm").and_then(Value::as_str).unwrap_or("?").to_string(),
-        cgroup: v.get("cgroup").and_then(Value::as_u64).unwrap_or(0),
-        ephemeral: v.get("ephemeral").and_then(Value::as_bool),
-    })
+/// The socket and owner of a recorded event, as the live side names them.
+fn port_ref(p: &reader::Port, ephemeral: Option<bool>) -> PortRef {
+    PortRef {
+        sock: p.sock,
+        netns: p.netns,
+        proto: p.proto,
+        family: p.family,
+        laddr: p.laddr,
+        lport: p.lport,
+        raddr: p.raddr,
+        rport: p.rport,
+        pid: p.pid,
+        comm: p.comm.to_string(),
+        cgroup: p.cgroup,
+        ephemeral,
+    }
 }
 
 fn learn_remote(port: &mut PortRef, seen: &PortRef) {
@@ -388,48 +375,51 @@ fn learn_remote(port: &mut PortRef, seen: &PortRef) {
     }
 }
 
-/// Lists every socket that held the ports over a recording (JSON Lines
-/// objects, in file order; several files may follow one another). Records
-/// of one socket are joined by `netns` + `sock`. Also reads `lifecycle`
-/// records (`watch --lifecycles -f json`).
-pub fn history(lines: &[Value], scope: &WhoScope) -> History {
+/// Lists every socket that held the ports over a recording (its lines in
+/// file order, as [`reader::read_recordings`] gives them; several files may
+/// follow one another). Records of one socket are joined by `netns` +
+/// `sock`. Also reads `lifecycle` records (`watch --lifecycles -f json`).
+pub fn history(lines: &[Line], scope: &WhoScope) -> History {
     let mut result = History::default();
     let mut open: HashMap<(u32, u64), Holding> = HashMap::new();
     let mut done: Vec<Holding> = Vec::new();
     for line in lines {
-        let Some(kind) = line.get("type").and_then(Value::as_str) else {
-            result.bad_lines += 1;
-            continue;
-        };
-        let ts = parse_ts(line, "ts");
+        let ts = line.ts_ns().and_then(system_time);
         if let Some(ts) = ts {
             result.span = Some(match result.span {
                 None => (ts, ts),
                 Some((first, last)) => (first.min(ts), last.max(ts)),
             });
         }
-        match kind {
-            "lost" => {
-                result.lost += line.get("count").and_then(Value::as_u64).unwrap_or(0);
+        let (event, ephemeral) = match line {
+            Line::Lost { count, .. } => {
+                result.lost += count;
                 continue;
             }
-            "alloc" | "state" | "release" | "lifecycle" => {}
+            Line::Alloc { event, ephemeral, .. } => (event, Some(*ephemeral)),
+            Line::Lifecycle { event, ephemeral, .. } => (event, *ephemeral),
+            Line::State { event, .. } | Line::Release { event, .. } => (event, None),
             _ => continue,
-        }
-        let (Some(ts), Some(port)) = (ts, port_ref_from_json(line)) else {
-            result.bad_lines += 1;
-            continue;
         };
+        let Some(ts) = ts else { continue };
+        let port = port_ref(&event.port, ephemeral);
         if !scope.matches(&port) {
             continue;
         }
         let key = (port.netns, port.sock);
-        let text = |field: &str| line.get(field).and_then(Value::as_str).map(str::to_string);
-        match kind {
-            "alloc" => {
-                let origin = text("origin");
+        let fresh = |port: PortRef, origin: Option<String>, start: Option<SystemTime>| Holding {
+            port,
+            origin,
+            start,
+            end: None,
+            end_reason: None,
+            last_state: None,
+            held_ns: None,
+        };
+        match line {
+            Line::Alloc { origin, .. } => {
                 if let Some(held) = open.get_mut(&key) {
-                    if origin.as_deref() == Some("snapshot") {
+                    if &**origin == "snapshot" {
                         // A later recording's start-up walk found it again.
                         learn_remote(&mut held.port, &port);
                         continue;
@@ -441,49 +431,29 @@ pub fn history(lines: &[Value], scope: &WhoScope) -> History {
                         done.push(old);
                     }
                 }
-                let holding = Holding {
-                    port,
-                    start: Some(ts),
-                    origin,
-                    end: None,
-                    end_reason: None,
-                    last_state: None,
-                    held_ns: None,
-                };
-                open.insert(key, holding);
+                open.insert(key, fresh(port, Some(origin.to_string()), Some(ts)));
             }
-            "state" => {
-                let holding = open.entry(key).or_insert_with(|| Holding {
-                    port: port.clone(),
-                    origin: None,
-                    start: None,
-                    end: None,
-                    end_reason: None,
-                    last_state: None,
-                    held_ns: None,
-                });
+            Line::State { new, .. } => {
+                let holding = open.entry(key).or_insert_with(|| fresh(port.clone(), None, None));
                 learn_remote(&mut holding.port, &port);
-                holding.last_state = text("new");
+                holding.last_state = Some(new.to_string());
             }
-            _ => {
-                // release or lifecycle
-                let held_ns = line.get("held_ns").and_then(Value::as_u64);
-                let mut holding = open.remove(&key).unwrap_or_else(|| Holding {
-                    port: port.clone(),
-                    origin: text("origin"),
-                    start: parse_ts(line, "started")
-                        .or_else(|| held_ns.and_then(|ns| ts.checked_sub(Duration::from_nanos(ns)))),
-                    end: None,
-                    end_reason: None,
-                    last_state: None,
-                    held_ns: None,
-                });
+            Line::Release { reason, held_ns, .. } | Line::Lifecycle { reason, held_ns, .. } => {
+                let (origin, started) = match line {
+                    Line::Lifecycle { origin, started_ns, .. } => {
+                        (origin.as_ref().map(|o| o.to_string()), started_ns.and_then(system_time))
+                    }
+                    _ => (None, None),
+                };
+                let start = started.or_else(|| held_ns.and_then(|ns| ts.checked_sub(Duration::from_nanos(ns))));
+                let mut holding = open.remove(&key).unwrap_or_else(|| fresh(port.clone(), origin, start));
                 learn_remote(&mut holding.port, &port);
                 holding.end = Some(ts);
-                holding.end_reason = text("reason");
-                holding.held_ns = held_ns;
+                holding.end_reason = Some(reason.to_string());
+                holding.held_ns = *held_ns;
                 done.push(holding);
             }
+            _ => {}
         }
     }
     done.extend(open.into_values());
@@ -557,9 +527,6 @@ pub fn history_warnings(history: &History) -> Vec<String> {
             "port-trace: {} events were lost while recording: some holders may be missing",
             history.lost
         ));
-    }
-    if history.bad_lines > 0 {
-        warnings.push(format!("port-trace: {} lines were not port-trace records and were skipped", history.bad_lines));
     }
     warnings
 }
@@ -721,10 +688,13 @@ pub async fn run(args: WhoArgs) -> anyhow::Result<u8> {
                 None => None,
             },
         };
-        let lines = read_json_lines(&files)?;
-        let history = history(&lines.values, &scope);
-        for warning in history_warnings(&history).iter().chain(&lines.warnings) {
-            eprintln!("port-trace: {warning}");
+        let recording = reader::read_recordings(&files)?;
+        for message in crate::report::bad_line_messages(&recording) {
+            eprintln!("{message}");
+        }
+        let history = history(&recording.lines, &scope);
+        for warning in history_warnings(&history) {
+            eprintln!("{warning}");
         }
         let found = !history.holdings.is_empty();
         match format {
@@ -755,54 +725,14 @@ pub async fn run(args: WhoArgs) -> anyhow::Result<u8> {
     Ok(who_exit_code(frontend.found))
 }
 
-/// The JSON objects of recordings, and why lines were skipped.
-struct JsonLines {
-    values: Vec<Value>,
-    warnings: Vec<String>,
-}
-
-/// Reads recordings (plain, `.zst`, rotated sets) as JSON values; lines
-/// that are not JSON objects, and a torn compressed tail, are skipped with
-/// a warning.
-fn read_json_lines(files: &[PathBuf]) -> anyhow::Result<JsonLines> {
-    use std::io::BufRead;
-    let mut lines = JsonLines { values: Vec::new(), warnings: Vec::new() };
-    for path in crate::report::reader::expand_paths(files)? {
-        let file = std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut reader: Box<dyn BufRead> = if crate::recording::is_zstd_path(&path) {
-            Box::new(std::io::BufReader::new(zstd::Decoder::new(file)?))
-        } else {
-            Box::new(std::io::BufReader::new(file))
-        };
-        let mut buf = Vec::new();
-        let mut number = 0u64;
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    lines.warnings.push(format!("{}: stopped reading after line {number}: {e}", path.display()));
-                    break;
-                }
-            }
-            number += 1;
-            match serde_json::from_slice::<Value>(&buf) {
-                Ok(value @ Value::Object(_)) => lines.values.push(value),
-                _ => lines.warnings.push(format!("{}:{number}: skipped: not a JSON object", path.display())),
-            }
-        }
-    }
-    Ok(lines)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use clap::Parser;
 
     use super::*;
+    use crate::model::Family;
 
     const SEC: u64 = 1_000_000_000;
     const NS: u32 = 4026531840;
@@ -1039,9 +969,28 @@ mod tests {
             "pid": 100 + sock, "comm": format!("proc{sock}"), "netns": NS, "cgroup": 1, "sock": sock,
         });
         if let (Value::Object(map), Value::Object(more)) = (&mut v, extra) {
+            if kind == "alloc" {
+                // Every alloc record says it; tests that care override it.
+                map.insert("ephemeral".into(), Value::Bool(false));
+            }
             map.extend(more);
         }
         v
+    }
+
+    /// The lines as the recording reader parses them, and how many it
+    /// refused.
+    fn parsed(values: &[Value]) -> (Vec<Line>, usize) {
+        let mut parser = reader::LineParser::new();
+        let mut lines = Vec::new();
+        let mut bad = 0;
+        for v in values {
+            match parser.parse(v.to_string().as_bytes()) {
+                Ok(line) => lines.push(line),
+                Err(_) => bad += 1,
+            }
+        }
+        (lines, bad)
     }
 
     fn at(secs: u64) -> SystemTime {
@@ -1051,7 +1000,7 @@ mod tests {
     #[test]
     fn history_lists_every_holder_in_order_of_start() {
         let lines = vec![
-            json!({"type": "header", "schema": 1, "ts": "2026-11-26T06:40:00.000000000Z"}),
+            json!({"type": "header", "schema": 1, "started": "2026-11-26T06:40:00.000000000Z"}),
             // Held before the recording (found by the start-up walk).
             line("alloc", 1, 1, 8080, None, json!({"origin": "snapshot", "ephemeral": false})),
             line("state", 1, 1, 8080, None, json!({"old": "CLOSE", "new": "LISTEN"})),
@@ -1071,9 +1020,10 @@ mod tests {
             line("summary", 12, 0, 0, None, json!({})),
         ];
         let scope = WhoScope { ports: vec![8080..=8080], netns: Some(NS) };
+        let (lines, bad) = parsed(&lines);
+        assert_eq!(bad, 2, "the reader refuses the two broken lines");
         let h = history(&lines, &scope);
         assert_eq!(h.lost, 3);
-        assert_eq!(h.bad_lines, 2);
         assert_eq!(h.span, Some((at(0), at(12))));
         let socks: Vec<u64> = h.holdings.iter().map(|x| x.port.sock).collect();
         assert_eq!(socks, [4, 1, 3, 2], "unknown start first, then by start");
@@ -1115,6 +1065,8 @@ mod tests {
                 json!({"started": "2026-11-26T06:40:25.000000000Z", "origin": "connect", "reason": "close", "held_ns": 5 * SEC}),
             ),
         ];
+        let (lines, bad) = parsed(&lines);
+        assert_eq!(bad, 0);
         let h = history(&lines, &WhoScope { ports: vec![8080..=8080], netns: None });
         let summary: Vec<(u64, Option<SystemTime>)> = h.holdings.iter().map(|x| (x.port.sock, x.start)).collect();
         assert_eq!(summary, [(1, Some(at(1))), (2, Some(at(21))), (2, Some(at(22))), (3, Some(at(25)))]);
@@ -1124,7 +1076,6 @@ mod tests {
         assert_eq!(h.holdings[0].origin.as_deref(), Some("bind"));
         assert_eq!(h.holdings[3].end_reason.as_deref(), Some("close"));
         assert_eq!(h.holdings[3].origin.as_deref(), Some("connect"));
-        assert_eq!(h.bad_lines, 0);
     }
 
     #[test]
@@ -1136,7 +1087,7 @@ mod tests {
             json!({"type": "lost", "ts": "2026-11-26T06:40:41.000000000Z", "count": 2}),
         ];
         let scope = WhoScope { ports: vec![8080..=8080], netns: None };
-        let h = history(&lines, &scope);
+        let h = history(&parsed(&lines).0, &scope);
         let text = render_history_text(&h, &scope);
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows.len(), 3, "{text}");
@@ -1176,12 +1127,13 @@ mod tests {
     }
 
     #[test]
-    fn reads_port_refs_from_json() {
-        let v = line("alloc", 1, 5, 8080, Some(80), json!({"ephemeral": true}));
-        let p = port_ref_from_json(&v).unwrap();
+    fn recorded_ports_become_port_refs() {
+        let (lines, bad) =
+            parsed(&[line("alloc", 1, 5, 8080, Some(80), json!({"origin": "connect", "ephemeral": true}))]);
+        assert_eq!(bad, 0);
+        let Line::Alloc { event, ephemeral, .. } = &lines[0] else { panic!("{lines:?}") };
+        let p = port_ref(&event.port, Some(*ephemeral));
         assert_eq!((p.sock, p.lport, p.rport, p.pid, p.ephemeral), (5, 8080, Some(80), 105, Some(true)));
-        for broken in [json!({}), json!({"proto": "sctp"}), line("alloc", 1, 5, 8080, None, json!({"lport": 70000}))] {
-            assert_eq!(port_ref_from_json(&broken), None, "{broken}");
-        }
+        assert_eq!((p.comm.as_str(), p.netns, p.family), ("proc5", NS, Family::Ipv4));
     }
 }
