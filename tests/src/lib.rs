@@ -136,12 +136,27 @@ impl Capture {
 /// Runs `cmd` with stdout and stderr captured; kills it and fails after
 /// `timeout`.
 pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    output_with_input(cmd, None, timeout)
+}
+
+/// [`output_with_timeout`], writing `input` (when given) to its stdin.
+pub fn output_with_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    // A thread, so that a child that fills its stdout before reading all of
+    // its stdin cannot dead-lock with us.
+    let writer = match (input, child.stdin.take()) {
+        (Some(input), Some(mut pipe)) => {
+            let input = input.to_vec();
+            Some(std::thread::spawn(move || pipe.write_all(&input)))
+        }
+        _ => None,
+    };
     let out = Capture::start(child.stdout.take().expect("piped"));
     let err = Capture::start(child.stderr.take().expect("piped"));
     let deadline = Instant::now() + timeout;
@@ -157,6 +172,10 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Outpu
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    if let Some(writer) = writer {
+        // A child that exits without reading all of it is not an error here.
+        let _ = writer.join();
+    }
     let grace = Duration::from_secs(2);
     Ok(Output { status, stdout: out.finish(grace), stderr: err.finish(grace) })
 }
@@ -497,18 +516,26 @@ impl HeldWorkload {
     }
 
     fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|c| String::from_utf8_lossy(&c.finish(Duration::from_secs(2))).into_owned())
-            .unwrap_or_default()
+        take_text(&mut self.stderr)
     }
 }
 
 impl Drop for HeldWorkload {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
+    }
+}
+
+/// What a capture got (within 2 s), as text; empty when already taken.
+pub fn take_text(capture: &mut Option<Capture>) -> String {
+    capture.take().map(|c| String::from_utf8_lossy(&c.finish(Duration::from_secs(2))).into_owned()).unwrap_or_default()
+}
+
+/// Kills and reaps `child` unless it has exited: what a helper process's
+/// guard does when a test ends early.
+pub fn kill_if_running(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

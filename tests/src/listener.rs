@@ -136,19 +136,13 @@ impl Listener {
     }
 
     fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|c| String::from_utf8_lossy(&c.finish(Duration::from_secs(2))).into_owned())
-            .unwrap_or_default()
+        crate::take_text(&mut self.stderr)
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::kill_if_running(&mut self.child);
     }
 }
 

@@ -293,10 +293,7 @@ impl Tracer {
 
     /// Stderr until EOF (the process has exited), or what came within 2 s.
     fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|c| String::from_utf8_lossy(&c.finish(Duration::from_secs(2))).into_owned())
-            .unwrap_or_default()
+        crate::take_text(&mut self.stderr)
     }
 }
 

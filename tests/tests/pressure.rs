@@ -28,8 +28,8 @@ use port_trace_integration::check::{self, Finding, Kind, Report};
 use port_trace_integration::netns::NetNs;
 use port_trace_integration::truth::Truth;
 use port_trace_integration::{
-    assert_report, output_with_timeout, prepare_netns, require_root, rfc3339, tracer_bin, tracer_extra_args, Capture,
-    LiveSession, SessionOptions,
+    assert_report, output_with_input, output_with_timeout, prepare_netns, require_root, rfc3339, tracer_bin,
+    tracer_extra_args, Capture, LiveSession, SessionOptions,
 };
 use serde_json::Value;
 
@@ -304,37 +304,10 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 
 /// `promtool check metrics` on `page` (stdin): its exit and what it said.
 fn promtool(page: &str) -> Result<(bool, String)> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let out = output_with_input(Command::new("promtool").args(["check", "metrics"]), Some(page.as_bytes()), IO_TIMEOUT)
         .context("promtool is needed for this test (Debian package `prometheus`)")?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let page = page.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(page.as_bytes()));
-    let out = Capture::start(child.stdout.take().expect("piped stdout"));
-    let err = Capture::start(child.stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("promtool did not finish within {IO_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    writer.join().expect("writer thread").context("writing the page to promtool")?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.finish(Duration::from_secs(2))),
-        String::from_utf8_lossy(&err.finish(Duration::from_secs(2)))
-    );
-    Ok((status.success(), said))
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), said))
 }
 
 fn ts(v: &Value) -> Option<rfc3339::UnixNanos> {
