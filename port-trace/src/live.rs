@@ -637,6 +637,9 @@ impl Live {
         // The first repair after a loss may run at once.
         let mut last_repair: Option<tokio::time::Instant> = None;
         let mut lost_at_reconcile = 0;
+        // Losses counted at the previous walk tick: none since means the
+        // flood that caused them is over.
+        let mut lost_at_walk_tick = 0;
 
         loop {
             tokio::select! {
@@ -676,8 +679,14 @@ impl Live {
                 }
                 _ = refresh.tick() => self.refresh(frontend)?,
                 _ = walk_tick.tick() => {
+                    // Under a flood, losses go on and walking at every
+                    // tick would starve the loop: at most one repair per
+                    // REPAIR_AFTER_LOSS_EVERY. Once the losses stop, the
+                    // repair comes at the next tick, not up to 5 s later.
+                    let losses_stopped = self.loss.events == lost_at_walk_tick;
+                    lost_at_walk_tick = self.loss.events;
                     let lost_more = self.loss.events > lost_at_reconcile
-                        && last_repair.is_none_or(|t| t.elapsed() >= REPAIR_AFTER_LOSS_EVERY);
+                        && (losses_stopped || last_repair.is_none_or(|t| t.elapsed() >= REPAIR_AFTER_LOSS_EVERY));
                     if lost_more || last_reconcile.elapsed() >= RECONCILE_EVERY {
                         if lost_more {
                             last_repair = Some(tokio::time::Instant::now());
