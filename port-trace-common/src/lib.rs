@@ -12,6 +12,11 @@
 /// change shape or meaning; the loader refuses an object with another version.
 pub const ABI_VERSION: u32 = 6;
 
+/// How many bytes of a socket's start (its `sock_common`) the programs copy
+/// in one read; the loader checks that every `sock_common` field they take
+/// from that copy lies inside it.
+pub const SOCK_HEAD_BYTES: usize = 128;
+
 /// Raw event kinds, the value of [`RawEvent::kind`].
 pub mod kind {
     /// `sock:inet_sock_set_state`: a TCP socket changed state.
@@ -209,6 +214,13 @@ pub mod options {
     /// Report every TCP state change, not only those a port's lifecycle
     /// turns on.
     pub const ALL_TCP_STATES: u32 = 1;
+    /// Userspace joins events by socket cookie (not by address, as the
+    /// kprobe backend does): a TCP socket that no hook nor walk of ours ever
+    /// asked the cookie of (`sk_cookie` still 0) is none we follow, so its
+    /// state changes, its destruction and its TIME_WAIT stay in the kernel.
+    /// Those are accepted connections: `inet_csk_clone_lock` gives a child
+    /// the request socket's cookie, which nothing asked for.
+    pub const KEYED_BY_COOKIE: u32 = 2;
 }
 
 /// Name of the ring buffer map.
@@ -220,6 +232,9 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 128);
 const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
+// The programs store addresses as aligned words.
+const _: () = assert!(core::mem::offset_of!(RawEvent, laddr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(RawEvent, raddr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 96);
 

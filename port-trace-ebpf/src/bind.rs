@@ -30,9 +30,10 @@ pub struct BindRequest {
     cookie: u64,
     /// The port asked for, host order (0: any).
     port: u16,
-    _pad: [u16; 3],
-    /// The address asked for (IPv4 in the first four bytes).
-    addr: [u8; 16],
+    _pad: u16,
+    _pad2: u32,
+    /// The address asked for (IPv4 in the first word), network order.
+    addr: [u32; 4],
 }
 
 #[map(name = "BIND_REQUEST")]
@@ -53,21 +54,12 @@ fn remember_bind_request(ctx: &SockAddrContext, v6: bool) -> i32 {
         // SAFETY: the context is a socket address context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         port: u16::from_be(user_port as u16),
-        _pad: [0; 3],
-        addr: [0; 16],
+        _pad: 0,
+        _pad2: 0,
+        // The verifier lets bind4 read only user_ip4, and bind6 only user_ip6.
+        // SAFETY: as above.
+        addr: if v6 { unsafe { (*ctx.sock_addr).user_ip6 } } else { [unsafe { (*ctx.sock_addr).user_ip4 }, 0, 0, 0] },
     };
-    let mut request = request;
-    // The verifier lets bind4 read only user_ip4, and bind6 only user_ip6.
-    // SAFETY: as above.
-    if v6 {
-        let ip6 = unsafe { (*ctx.sock_addr).user_ip6 };
-        for (i, word) in ip6.iter().enumerate() {
-            request.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-    } else {
-        let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
-        request.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
-    }
     let _ = BIND_REQUEST.insert(bpf_get_current_pid_tgid(), request, 0);
     ALLOW
 }
@@ -86,21 +78,20 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn report_bind(ctx: &SockContext) -> i32 {
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return ALLOW;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: map value read by copy.
     let requested = unsafe { BIND_REQUEST.get(pid_tgid) }.map_or(0, |r| r.port);
     let _ = BIND_REQUEST.remove(pid_tgid);
-    let sk = sk::addr_of(ctx.sock);
-    let protocol = sk::protocol(&cfg, sk);
+    let sock = sk::Sock::load(sk::addr_of(ctx.sock));
+    let protocol = sock.protocol();
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return ALLOW; // raw and ping sockets bind too
     }
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return ALLOW;
     }
     let Some(mut event) = emit::start(kind::BIND, true) else {
@@ -110,7 +101,7 @@ fn report_bind(ctx: &SockContext) -> i32 {
     // SAFETY: the context is the socket.
     ev.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ev.netns = netns;
-    sk::fill_tuple(&cfg, sk, ev);
+    sock.fill_tuple(protocol, ev);
     ev.req_port = requested;
     let cookie = ev.cookie;
     event.submit();
@@ -151,9 +142,12 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> i32 {
     if ret != -EADDRINUSE {
         return 0;
     }
-    let cfg = sk::config();
-    let netns = sk::netns_of(&cfg, request.sk);
-    if cfg.abi_version == 0 || sk::filtered_out(&cfg, netns) {
+    if !sk::configured() {
+        return 0;
+    }
+    let sock = sk::Sock::load(request.sk);
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return 0;
     }
     let Some(mut event) = emit::start(kind::BIND_FAILED, true) else {
@@ -162,9 +156,9 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> i32 {
     let ev = event.fields();
     ev.cookie = request.cookie;
     ev.netns = netns;
-    sk::fill_tuple(&cfg, request.sk, ev);
+    sock.fill_tuple(sock.protocol(), ev);
     ev.lport = request.port;
-    ev.laddr = request.addr;
+    emit::store_addr(&mut ev.laddr, request.addr);
     ev.req_port = request.port;
     ev.ret = ret;
     event.submit();

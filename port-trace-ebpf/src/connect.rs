@@ -32,8 +32,8 @@ pub struct PendingConnect {
     /// Destination port asked for, host order.
     rport: u16,
     _pad: u32,
-    /// Destination address asked for (IPv4 in the first four bytes).
-    raddr: [u8; 16],
+    /// Destination address asked for (IPv4 in the first word), network order.
+    raddr: [u32; 4],
 }
 
 #[map(name = "PENDING_CONNECT")]
@@ -41,8 +41,7 @@ static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_e
 
 #[inline(always)]
 fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return ALLOW;
     }
     // SAFETY: the context pointer is valid for the program's run.
@@ -51,19 +50,12 @@ fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
         (a.__bindgen_anon_1.sk, a.user_port, a.user_ip4, a.user_ip6)
     };
     let sk = sk::addr_of(sk_ptr);
-    let mut raddr = [0u8; 16];
-    if v6 {
-        for (i, word) in ip6.iter().enumerate() {
-            raddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-    } else {
-        raddr[..4].copy_from_slice(&ip4.to_ne_bytes());
-    }
+    let raddr = if v6 { ip6 } else { [ip4, 0, 0, 0] };
     let pending = PendingConnect {
         sk,
         // SAFETY: the context is a socket address context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        port_before: sk::local_port_held(&cfg, sk),
+        port_before: sk::read(sk, sk::setting!(offsets.skc_num)),
         rport: u16::from_be(user_port as u16),
         _pad: 0,
         raddr,
@@ -98,9 +90,16 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     let (sk, cookie, port_before, rport, raddr) =
         (pending.sk, pending.cookie, pending.port_before, pending.rport, pending.raddr);
     let _ = PENDING_CONNECT.remove(pid_tgid);
-    let cfg = sk::config();
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    if !sk::configured() {
+        return 0;
+    }
+    let sock = sk::Sock::load(sk);
+    let protocol = sock.protocol();
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return 0; // raw and ping sockets connect too
+    }
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return 0;
     }
     let Some(mut event) = emit::start(kind::CONNECT, true) else {
@@ -111,23 +110,19 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     ev.netns = netns;
     // SAFETY: the record layout is fixed by the syscall tracepoint format.
     ev.ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) }.unwrap_or(0) as i32;
-    sk::fill_tuple(&cfg, sk, ev);
+    sock.fill_tuple(protocol, ev);
     // A failed connect clears the destination (`tcp_v4_connect` error path):
     // keep what the caller asked for.
     if ev.rport == 0 {
         ev.rport = rport;
-        ev.raddr = raddr;
+        emit::store_addr(&mut ev.raddr, raddr);
     }
     ev.req_port = port_before;
     // The port held now: 0 when the call failed and put it back.
-    ev.lport = sk::local_port_held(&cfg, sk);
-    let (udp, cookie) = (ev.protocol == IPPROTO_UDP, ev.cookie);
-    if ev.protocol != IPPROTO_TCP && ev.protocol != IPPROTO_UDP {
-        event.discard();
-        return 0; // raw and ping sockets connect too
-    }
+    ev.lport = sock.port_held();
+    let cookie = ev.cookie;
     event.submit();
-    if udp {
+    if protocol == IPPROTO_UDP {
         udp::mark_reported(cookie);
     }
     0

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use port_trace_common::{kind, RawEvent};
 
-use crate::sk;
+use crate::{emit, sk};
 
 const IPPROTO_TCP: u16 = 6;
 const IPPROTO_UDP: u16 = 17;
@@ -24,8 +24,12 @@ const TCP_NEW_SYN_RECV: u8 = 12;
 /// `struct bpf_iter__tcp` / `bpf_iter__udp`: `meta` then the socket, both
 /// pointers; the socket is NULL on the final call. `bpf_iter_meta` starts
 /// with the `seq_file` to write to.
+///
+/// With `tracked_only`, sockets whose cookie nobody asked for are skipped:
+/// none we follow (see `options::KEYED_BY_COOKIE`); the TIME_WAIT sockets of
+/// accepted connections are most of a busy server's sockets.
 #[inline(always)]
-fn walk(ctx: *mut c_void, protocol: u16) -> i32 {
+fn walk(ctx: *mut c_void, protocol: u16, tracked_only: bool) -> i32 {
     // SAFETY: the iterator context starts with these two pointers, and the
     // meta with the seq_file pointer; direct loads keep their BTF types.
     let (seq, sk_ptr) = unsafe {
@@ -36,39 +40,49 @@ fn walk(ctx: *mut c_void, protocol: u16) -> i32 {
     if sk_ptr.is_null() {
         return 0;
     }
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return 0;
     }
-    let sk = sk::addr_of(sk_ptr);
-    let state = sk::state(&cfg, sk);
+    let sock = sk::Sock::load(sk::addr_of_arg(sk_ptr));
+    let stored_cookie = sock.stored_cookie();
+    if tracked_only && stored_cookie == 0 {
+        return 0;
+    }
+    let state = sock.state();
     if state == TCP_NEW_SYN_RECV {
         return 0; // a request socket: no port of its own
     }
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return 0;
     }
-    let mut ev = RawEvent {
-        kind: kind::SNAPSHOT,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-        // SAFETY: a typed socket pointer, checked for NULL above.
-        cookie: unsafe { bpf_get_socket_cookie(sk_ptr) },
-        netns,
-        old_state: state,
-        syscall_nr: -1,
-        ..RawEvent::default()
+    let mut slot = core::mem::MaybeUninit::<RawEvent>::uninit();
+    // SAFETY: our own aligned stack slot, zeroed before it is used.
+    let ev = unsafe {
+        emit::zero(slot.as_mut_ptr());
+        slot.assume_init_mut()
     };
-    sk::fill_tuple(&cfg, sk, &mut ev);
-    // TIME_WAIT sockets are only a sock_common: nothing past it is theirs.
-    ev.protocol = protocol;
-    ev.lport = sk::local_port_held(&cfg, sk);
+    ev.kind = kind::SNAPSHOT;
+    // SAFETY: helper without preconditions.
+    ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    ev.cookie = if tracked_only {
+        stored_cookie
+    } else {
+        // SAFETY: a typed socket pointer, checked for NULL above.
+        unsafe { bpf_get_socket_cookie(sk_ptr) }
+    };
+    ev.netns = netns;
+    ev.old_state = state;
+    ev.syscall_nr = -1;
+    // TIME_WAIT sockets are only a sock_common: nothing past it is theirs,
+    // so the protocol is the iterator's.
+    sock.fill_tuple(protocol, ev);
+    ev.lport = sock.port_held();
     if state != TCP_TIME_WAIT {
-        ev.inode = sk::inode_of(&cfg, sk);
+        ev.inode = sock.inode();
     }
     // SAFETY: the iterator's seq_file, and a record on our stack.
-    unsafe { bpf_seq_write(seq, (&ev as *const RawEvent).cast(), core::mem::size_of::<RawEvent>() as u32) };
+    unsafe { bpf_seq_write(seq, (ev as *const RawEvent).cast(), core::mem::size_of::<RawEvent>() as u32) };
     0
 }
 
@@ -76,12 +90,20 @@ fn walk(ctx: *mut c_void, protocol: u16) -> i32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn iter_tcp(ctx: *mut c_void) -> i32 {
-    walk(ctx, IPPROTO_TCP)
+    walk(ctx, IPPROTO_TCP, false)
+}
+
+/// The TCP sockets of the namespace that we follow: the periodic walks
+/// (TIME_WAIT ends, repair after loss) when events are joined by cookie.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn iter_tcp_tracked(ctx: *mut c_void) -> i32 {
+    walk(ctx, IPPROTO_TCP, true)
 }
 
 /// Every UDP socket of the namespace that created the iterator.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/udp")]
 pub fn iter_udp(ctx: *mut c_void) -> i32 {
-    walk(ctx, IPPROTO_UDP)
+    walk(ctx, IPPROTO_UDP, false)
 }

@@ -115,19 +115,19 @@ pub fn kretprobe_inet6_hash_connect(ctx: RetProbeContext) -> u32 {
 /// `inet_put_port(sk)`.
 #[kprobe]
 pub fn kprobe_inet_put_port(ctx: ProbeContext) -> u32 {
-    port_fns::put_port(arg(&ctx, 0), kind::PUT_PORT, IPPROTO_TCP, Cookie::Stored)
+    port_fns::put_port(arg(&ctx, 0), kind::PUT_PORT, IPPROTO_TCP)
 }
 
 /// `udp_lib_unhash(sk)`.
 #[kprobe]
 pub fn kprobe_udp_lib_unhash(ctx: ProbeContext) -> u32 {
-    port_fns::put_port(arg(&ctx, 0), kind::UDP_RELEASE, IPPROTO_UDP, Cookie::Stored)
+    port_fns::put_port(arg(&ctx, 0), kind::UDP_RELEASE, IPPROTO_UDP)
 }
 
 /// `inet_twsk_hashdance_schedule(tw, sk, ...)` / `inet_twsk_hashdance`.
 #[kprobe]
 pub fn kprobe_inet_twsk_hashdance(ctx: ProbeContext) -> u32 {
-    port_fns::time_wait_start(arg(&ctx, 0), arg(&ctx, 1), Cookie::Stored)
+    port_fns::time_wait_start(arg(&ctx, 0), arg(&ctx, 1))
 }
 
 /// `inet_twsk_bind_unhash(tw, hashinfo)`.

@@ -70,14 +70,14 @@ pub fn fexit_inet6_hash_connect(ctx: FExitContext) -> u32 {
 /// (the TIME_WAIT socket took its own owner slot first).
 #[fentry(function = "inet_put_port")]
 pub fn fentry_inet_put_port(ctx: FEntryContext) -> u32 {
-    port_fns::put_port(ctx.arg(0), kind::PUT_PORT, IPPROTO_TCP, Cookie::Helper)
+    port_fns::put_port(ctx.arg(0), kind::PUT_PORT, IPPROTO_TCP)
 }
 
 /// `udp_lib_unhash(sk)`: UDP close (`sk_common_release`) or disconnect
 /// (`__udp_disconnect`, from `connect(AF_UNSPEC)`).
 #[fentry(function = "udp_lib_unhash")]
 pub fn fentry_udp_lib_unhash(ctx: FEntryContext) -> u32 {
-    port_fns::put_port(ctx.arg(0), kind::UDP_RELEASE, IPPROTO_UDP, Cookie::Helper)
+    port_fns::put_port(ctx.arg(0), kind::UDP_RELEASE, IPPROTO_UDP)
 }
 
 /// `inet_twsk_hashdance_schedule(tw, sk, hashinfo, timeo)` (called
@@ -85,7 +85,7 @@ pub fn fentry_udp_lib_unhash(ctx: FEntryContext) -> u32 {
 /// to whichever the kernel has).
 #[fentry(function = "inet_twsk_hashdance_schedule")]
 pub fn fentry_inet_twsk_hashdance(ctx: FEntryContext) -> u32 {
-    port_fns::time_wait_start(ctx.arg(0), ctx.arg(1), Cookie::Helper)
+    port_fns::time_wait_start(ctx.arg(0), ctx.arg(1))
 }
 
 /// `inet_twsk_bind_unhash(tw, hashinfo)`: the TIME_WAIT socket leaves its

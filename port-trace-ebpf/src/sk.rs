@@ -1,12 +1,21 @@
 //! Reading `struct sock` fields with offsets taken from the running kernel's
-//! BTF (see `port_trace::btf`): Rust eBPF has no CO-RE relocations.
+//! BTF (see `port_trace::offsets`): Rust eBPF has no CO-RE relocations.
+//!
+//! Every `bpf_probe_read_kernel` call costs tens of nanoseconds (it sets up
+//! fault handling), so a socket's `sock_common` head — addresses, ports,
+//! family, state, namespace and cookie — is copied in one call ([`Sock`])
+//! and its fields are taken from that copy; only fields past the head
+//! (`sk_protocol`, `sk_err`, `inet_sport`) and the namespace inode are read
+//! one by one.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie};
-use port_trace_common::{KernelConfig, RawEvent};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated};
+use port_trace_common::{KernelConfig, RawEvent, SOCK_HEAD_BYTES};
+
+use crate::emit::store_addr;
 
 /// Written by the loader (`EbpfLoader::override_global`) before load.
 #[unsafe(no_mangle)]
-static CONFIG: KernelConfig = KernelConfig {
+pub(crate) static CONFIG: KernelConfig = KernelConfig {
     abi_version: 0,
     netns_filter: 0,
     offsets: port_trace_common::KernelOffsets {
@@ -35,11 +44,23 @@ static CONFIG: KernelConfig = KernelConfig {
     options: 0,
 };
 
+/// One setting of [`CONFIG`], read with a load of its own. `CONFIG` lives in
+/// a frozen read-only map, so the verifier knows each such load as a
+/// constant (`bpf_map_direct_read`): offsets into the stack copy of a
+/// socket stay constant offsets, and branches on settings are pruned.
+/// Volatile, so that the compiler does not fold the zero initialiser.
+macro_rules! setting {
+    ($($field:ident).+) => {
+        // SAFETY: a read of our own read-only global.
+        unsafe { core::ptr::read_volatile(&$crate::sk::CONFIG.$($field).+) }
+    };
+}
+pub(crate) use setting;
+
+/// False until the loader has written [`CONFIG`]: programs then do nothing.
 #[inline(always)]
-pub fn config() -> KernelConfig {
-    // SAFETY: a read of our own read-only global; volatile so that the
-    // compiler does not fold the zero initialiser.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+pub fn configured() -> bool {
+    setting!(abi_version) != 0
 }
 
 const AF_INET: u16 = 2;
@@ -57,80 +78,165 @@ pub fn addr_of<T>(ptr: *const T) -> u64 {
     unsafe { bpf_probe_read_kernel(&slot as *const *const T as *const u64) }.unwrap_or(0)
 }
 
+/// The kernel address of a socket argument of a tracing program: tp_btf,
+/// fentry/fexit and iterator arguments (typed pointers, which the verifier
+/// lets us offset and hand to `bpf_probe_read_kernel`; storing them in an
+/// event is allowed with CAP_PERFMON), raw tracepoint and kprobe arguments
+/// (plain numbers already). A cast, where [`addr_of`] costs a helper call;
+/// cgroup contexts still need [`addr_of`].
+#[inline(always)]
+pub fn addr_of_arg(ptr: *mut core::ffi::c_void) -> u64 {
+    ptr as u64
+}
+
+/// One kernel value at `base + offset` (zero when unreadable).
 #[inline(always)]
 pub fn read<T: Default>(base: u64, offset: u32) -> T {
     // SAFETY: bpf_probe_read_kernel tolerates any address.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.unwrap_or_default()
 }
 
-/// Network namespace inode of the socket at `sk`.
-#[inline(always)]
-pub fn netns_of(cfg: &KernelConfig, sk: u64) -> u32 {
-    let net: u64 = read(sk, cfg.offsets.skc_net);
-    if net == 0 {
-        return 0;
-    }
-    read(net, cfg.offsets.net_ns_inum)
-}
-
 /// True when the event for this network namespace must be dropped.
 #[inline(always)]
-pub fn filtered_out(cfg: &KernelConfig, netns: u32) -> bool {
-    cfg.netns_filter != 0 && cfg.netns_filter != netns
+pub fn filtered_out(netns: u32) -> bool {
+    let wanted = setting!(netns_filter);
+    wanted != 0 && wanted != netns
 }
 
-/// Fills family, protocol, ports and addresses of `ev` from the socket at
-/// `sk`. `lport` is `skc_num`, falling back to `inet_sport` when the port was
-/// already put back (`__inet_put_port` zeroes `skc_num` but not `inet_sport`).
-#[inline(always)]
-pub fn fill_tuple(cfg: &KernelConfig, sk: u64, ev: &mut RawEvent) {
-    let o = &cfg.offsets;
-    ev.sk_addr = sk;
-    ev.family = read(sk, o.skc_family);
-    ev.protocol = read(sk, o.sk_protocol);
-    let num: u16 = read(sk, o.skc_num);
-    ev.lport = if num != 0 { num } else { u16::from_be(read(sk, o.inet_sport)) };
-    ev.rport = u16::from_be(read(sk, o.skc_dport));
-    if ev.family == AF_INET6 {
-        ev.laddr = read(sk, o.skc_v6_rcv_saddr);
-        ev.raddr = read(sk, o.skc_v6_daddr);
-    } else if ev.family == AF_INET {
-        let l: [u8; 4] = read(sk, o.skc_rcv_saddr);
-        let r: [u8; 4] = read(sk, o.skc_daddr);
-        ev.laddr[..4].copy_from_slice(&l);
-        ev.raddr[..4].copy_from_slice(&r);
+/// The first [`SOCK_HEAD_BYTES`] of a socket (its `sock_common`), aligned
+/// like the kernel's, so that naturally aligned fields load as words.
+#[repr(C, align(8))]
+struct Head([u8; SOCK_HEAD_BYTES]);
+
+/// A socket: its kernel address and a copy of its `sock_common`.
+pub struct Sock {
+    /// Kernel address of the `struct sock` (or `inet_timewait_sock`).
+    pub addr: u64,
+    head: Head,
+}
+
+impl Sock {
+    /// Copies the head of the socket at `addr` in one read (zeroes when
+    /// unreadable). Full sockets and TIME_WAIT sockets both start with a
+    /// `sock_common`, and both are larger than the head.
+    #[inline(always)]
+    pub fn load(addr: u64) -> Self {
+        let mut sock = core::mem::MaybeUninit::<Sock>::uninit();
+        let ptr = sock.as_mut_ptr();
+        // SAFETY: writes both fields of our own stack slot before it is
+        // assumed initialised; the helper zero-fills the head on failure.
+        unsafe {
+            (*ptr).addr = addr;
+            generated::bpf_probe_read_kernel(
+                (&raw mut (*ptr).head).cast(),
+                SOCK_HEAD_BYTES as u32,
+                addr as *const core::ffi::c_void,
+            );
+            sock.assume_init()
+        }
     }
-}
 
-/// `skc_num` of the socket: the local port it holds now (0: none).
-#[inline(always)]
-pub fn local_port_held(cfg: &KernelConfig, sk: u64) -> u16 {
-    read(sk, cfg.offsets.skc_num)
-}
+    /// The head field of type `T` at `offset` (the loader checked that
+    /// every head offset fits and is aligned; the check here is for the
+    /// compiler and is pruned by the verifier).
+    #[inline(always)]
+    fn field<T: Copy + Default>(&self, offset: u32) -> T {
+        let offset = offset as usize;
+        if offset + core::mem::size_of::<T>() > SOCK_HEAD_BYTES {
+            return T::default();
+        }
+        // SAFETY: in bounds (checked above) and aligned (checked by the
+        // loader against the kernel's own layout).
+        unsafe { core::ptr::read(self.head.0.as_ptr().add(offset).cast::<T>()) }
+    }
 
-/// `sk_err` of the socket.
-#[inline(always)]
-pub fn sk_err(cfg: &KernelConfig, sk: u64) -> i32 {
-    read(sk, cfg.offsets.sk_err)
-}
+    /// `skc_num`: the local port the socket holds now (0: none).
+    #[inline(always)]
+    pub fn port_held(&self) -> u16 {
+        self.field(setting!(offsets.skc_num))
+    }
 
-/// `sk_protocol` of the socket.
-#[inline(always)]
-pub fn protocol(cfg: &KernelConfig, sk: u64) -> u16 {
-    read(sk, cfg.offsets.sk_protocol)
-}
+    /// `skc_state`.
+    #[inline(always)]
+    pub fn state(&self) -> u8 {
+        self.field(setting!(offsets.skc_state))
+    }
 
-/// `sk_cookie`: set once anything asked for the socket's cookie (every cgroup
-/// hook of ours does, so every socket we follow has one); 0 otherwise.
-#[inline(always)]
-pub fn stored_cookie(cfg: &KernelConfig, sk: u64) -> u64 {
-    read(sk, cfg.offsets.skc_cookie)
-}
+    /// `skc_family`.
+    #[inline(always)]
+    pub fn family(&self) -> u16 {
+        self.field(setting!(offsets.skc_family))
+    }
 
-/// `skc_state` of the socket.
-#[inline(always)]
-pub fn state(cfg: &KernelConfig, sk: u64) -> u8 {
-    read(sk, cfg.offsets.skc_state)
+    /// `skc_cookie`: set once anything asked for the socket's cookie (every
+    /// cgroup hook of ours does, so every socket we follow has one); 0
+    /// otherwise.
+    #[inline(always)]
+    pub fn stored_cookie(&self) -> u64 {
+        self.field(setting!(offsets.skc_cookie))
+    }
+
+    /// Network namespace inode of the socket.
+    #[inline(always)]
+    pub fn netns(&self) -> u32 {
+        let net: u64 = self.field(setting!(offsets.skc_net));
+        if net == 0 {
+            return 0;
+        }
+        read(net, setting!(offsets.net_ns_inum))
+    }
+
+    /// `sk_protocol` (full sockets only: past the head).
+    #[inline(always)]
+    pub fn protocol(&self) -> u16 {
+        read(self.addr, setting!(offsets.sk_protocol))
+    }
+
+    /// `sk_err` (full sockets only).
+    #[inline(always)]
+    pub fn sk_err(&self) -> i32 {
+        read(self.addr, setting!(offsets.sk_err))
+    }
+
+    /// Fills family, ports and addresses of `ev` from the head, and the
+    /// protocol. `lport` is `skc_num`, falling back to `inet_sport` when the
+    /// port was already put back (`__inet_put_port` zeroes `skc_num` but not
+    /// `inet_sport`).
+    #[inline(always)]
+    pub fn fill_tuple(&self, protocol: u16, ev: &mut RawEvent) {
+        ev.sk_addr = self.addr;
+        ev.family = self.family();
+        ev.protocol = protocol;
+        let num = self.port_held();
+        ev.lport = if num != 0 { num } else { u16::from_be(read(self.addr, setting!(offsets.inet_sport))) };
+        ev.rport = u16::from_be(self.field(setting!(offsets.skc_dport)));
+        if ev.family == AF_INET6 {
+            store_addr(&mut ev.laddr, self.field(setting!(offsets.skc_v6_rcv_saddr)));
+            store_addr(&mut ev.raddr, self.field(setting!(offsets.skc_v6_daddr)));
+        } else if ev.family == AF_INET {
+            store_addr(&mut ev.laddr, [self.field(setting!(offsets.skc_rcv_saddr)), 0, 0, 0]);
+            store_addr(&mut ev.raddr, [self.field(setting!(offsets.skc_daddr)), 0, 0, 0]);
+        }
+    }
+
+    /// The inode of a full socket's `struct socket` (what `/proc/PID/fd`
+    /// links name), 0 when it has none.
+    #[inline(always)]
+    pub fn inode(&self) -> u32 {
+        let socket: u64 = read(self.addr, setting!(offsets.sk_socket));
+        if socket == 0 {
+            return 0;
+        }
+        let file: u64 = read(socket, setting!(offsets.socket_file));
+        if file == 0 {
+            return 0;
+        }
+        let inode: u64 = read(file, setting!(offsets.file_inode));
+        if inode == 0 {
+            return 0;
+        }
+        read::<u64>(inode, setting!(offsets.inode_ino)) as u32
+    }
 }
 
 /// How a program learns the socket cookie.
@@ -146,39 +252,29 @@ pub enum Cookie {
 
 /// The socket's cookie, the way `how` allows.
 #[inline(always)]
-pub fn cookie_of(how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &KernelConfig, sk: u64) -> u64 {
+pub fn cookie_of(how: Cookie, sk_ptr: *mut core::ffi::c_void, sock: &Sock) -> u64 {
     match how {
         // SAFETY: sk_ptr is a typed socket argument of a tracing program.
-        Cookie::Helper => unsafe { bpf_get_socket_cookie(sk_ptr) },
-        Cookie::Stored => stored_cookie(cfg, sk),
+        Cookie::Helper => unsafe { generated::bpf_get_socket_cookie(sk_ptr) },
+        Cookie::Stored => sock.stored_cookie(),
     }
 }
 
-/// Sets `ev.cookie` the way `how` allows, flagging stored cookies.
+/// Sets `ev.cookie` (obtained `how`), flagging stored cookies.
 #[inline(always)]
-pub fn set_cookie(ev: &mut RawEvent, how: Cookie, sk_ptr: *mut core::ffi::c_void, cfg: &KernelConfig, sk: u64) {
-    ev.cookie = cookie_of(how, sk_ptr, cfg, sk);
+pub fn put_cookie(ev: &mut RawEvent, how: Cookie, cookie: u64) {
+    ev.cookie = cookie;
     if let Cookie::Stored = how {
         ev.flags |= port_trace_common::flags::STORED_COOKIE;
     }
 }
 
-/// The inode of a full socket's `struct socket` (what `/proc/PID/fd` links
-/// name), 0 when it has none.
+/// True for a socket none of our hooks or walks ever asked the cookie of,
+/// when userspace joins events by cookie ([`options::KEYED_BY_COOKIE`]):
+/// nothing we follow, so its events need not leave the kernel.
+///
+/// [`options::KEYED_BY_COOKIE`]: port_trace_common::options::KEYED_BY_COOKIE
 #[inline(always)]
-pub fn inode_of(cfg: &KernelConfig, sk: u64) -> u32 {
-    let o = &cfg.offsets;
-    let socket: u64 = read(sk, o.sk_socket);
-    if socket == 0 {
-        return 0;
-    }
-    let file: u64 = read(socket, o.socket_file);
-    if file == 0 {
-        return 0;
-    }
-    let inode: u64 = read(file, o.file_inode);
-    if inode == 0 {
-        return 0;
-    }
-    read::<u64>(inode, o.inode_ino) as u32
+pub fn unknown_to_us(cookie: u64) -> bool {
+    cookie == 0 && setting!(options) & port_trace_common::options::KEYED_BY_COOKIE != 0
 }

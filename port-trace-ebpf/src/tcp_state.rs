@@ -30,35 +30,47 @@ fn matters_to_the_port(old: u8, new: u8) -> bool {
 /// `SOCK_BINDPORT_LOCK`, keeps it until `tcp_v4_destroy_sock`).
 #[inline(always)]
 fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: sk::Cookie) -> i32 {
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return 0;
     }
-    if cfg.options & options::ALL_TCP_STATES == 0 && !matters_to_the_port(old as u8, new as u8) {
+    if sk::setting!(options) & options::ALL_TCP_STATES == 0 && !matters_to_the_port(old as u8, new as u8) {
         return 0;
     }
-    let sk = sk::addr_of(sk_ptr);
-    if sk::protocol(&cfg, sk) != IPPROTO_TCP {
+    let sock = sk::Sock::load(sk::addr_of_arg(sk_ptr));
+    // Leaving CLOSE (connect, listen) is where a socket we follow is born:
+    // its cookie is asked for below (assigning one). Any later transition
+    // of a socket we follow finds it set.
+    let born = old as u8 == TCP_CLOSE;
+    if !born && sk::unknown_to_us(sock.stored_cookie()) {
+        return 0; // an accepted connection (see options::KEYED_BY_COOKIE)
+    }
+    if sock.protocol() != IPPROTO_TCP {
         return 0; // MPTCP subflows and others share this tracepoint.
     }
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return 0;
     }
-    // Leaving CLOSE (connect, listen) runs in the caller's process context;
-    // every other transition may run in softirq, where `current` is a stranger.
-    let process = old as u8 == TCP_CLOSE;
-    let Some(mut event) = emit::start(kind::TCP_STATE, process) else {
+    // Asked before the reservation, so that a full ring does not leave a
+    // newborn socket without the cookie its later events are matched by.
+    let how = if born { how } else { sk::Cookie::Stored };
+    let cookie = sk::cookie_of(how, sk_ptr, &sock);
+    if sk::unknown_to_us(cookie) {
+        return 0; // raw tracepoint: a socket nobody asked the cookie of
+    }
+    // Leaving CLOSE runs in the caller's process context; every other
+    // transition may run in softirq, where `current` is a stranger.
+    let Some(mut event) = emit::start(kind::TCP_STATE, born) else {
         return 0;
     };
     let ev = event.fields();
-    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    sk::put_cookie(ev, how, cookie);
     ev.netns = netns;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
-    sk::fill_tuple(&cfg, sk, ev);
-    ev.req_port = sk::local_port_held(&cfg, sk);
-    ev.ret = sk::sk_err(&cfg, sk);
+    sock.fill_tuple(IPPROTO_TCP, ev);
+    ev.req_port = sock.port_held();
+    ev.ret = sock.sk_err();
     event.submit();
     0
 }
@@ -77,28 +89,33 @@ pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
 
 /// `tcp_v4_destroy_sock()` (IPv6 too) fires this before its own
 /// `inet_put_port()`: a socket that still holds a port here gives it back now.
+/// A socket we follow always has a cookie by now (it was asked at its
+/// birth), so the stored one is read rather than asking for one.
 #[inline(always)]
-fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: sk::Cookie) -> i32 {
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+fn on_destroy(sk_ptr: *mut core::ffi::c_void) -> i32 {
+    if !sk::configured() {
         return 0;
     }
-    let sk = sk::addr_of(sk_ptr);
-    let held = sk::local_port_held(&cfg, sk);
+    let sock = sk::Sock::load(sk::addr_of_arg(sk_ptr));
+    let held = sock.port_held();
     if held == 0 {
         return 0; // the port was put back at the move to CLOSE already
     }
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let cookie = sock.stored_cookie();
+    if sk::unknown_to_us(cookie) {
+        return 0; // an accepted connection (see options::KEYED_BY_COOKIE)
+    }
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return 0;
     }
     let Some(mut event) = emit::start(kind::TCP_DESTROY, false) else {
         return 0;
     };
     let ev = event.fields();
-    sk::set_cookie(ev, how, sk_ptr, &cfg, sk);
+    sk::put_cookie(ev, sk::Cookie::Stored, cookie);
     ev.netns = netns;
-    sk::fill_tuple(&cfg, sk, ev);
+    sock.fill_tuple(sock.protocol(), ev);
     ev.req_port = held;
     event.submit();
     0
@@ -107,11 +124,11 @@ fn on_destroy(sk_ptr: *mut core::ffi::c_void, how: sk::Cookie) -> i32 {
 /// `tcp:tcp_destroy_sock` as a BTF tracepoint (preferred).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    on_destroy(ctx.arg(0), sk::Cookie::Helper)
+    on_destroy(ctx.arg(0))
 }
 
 /// The same as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock_raw(ctx: RawTracePointContext) -> i32 {
-    on_destroy(ctx.arg(0), sk::Cookie::Stored)
+    on_destroy(ctx.arg(0))
 }

@@ -44,13 +44,12 @@ fn first_send(ctx: &SockAddrContext) -> i32 {
         return ALLOW; // the common case: a socket that sent before
     }
     mark_reported(cookie);
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return ALLOW;
     }
-    let sk = sk::addr_of(sk_ptr);
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let sock = sk::Sock::load(sk::addr_of(sk_ptr));
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return ALLOW;
     }
     let Some(mut event) = emit::start(kind::UDP_FIRST_SEND, true) else {
@@ -59,10 +58,10 @@ fn first_send(ctx: &SockAddrContext) -> i32 {
     let ev = event.fields();
     ev.cookie = cookie;
     ev.netns = netns;
-    sk::fill_tuple(&cfg, sk, ev);
+    sock.fill_tuple(IPPROTO_UDP, ev);
     // An unconnected send has no fixed peer.
     ev.rport = 0;
-    ev.raddr = [0; 16];
+    emit::store_addr(&mut ev.raddr, [0; 4]);
     event.submit();
     ALLOW
 }
@@ -87,20 +86,21 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 /// closed TCP socket may keep its port in FIN_WAIT or TIME_WAIT.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    let cfg = sk::config();
-    if cfg.abi_version == 0 {
+    if !sk::configured() {
         return ALLOW;
     }
-    let sk = sk::addr_of(ctx.sock);
-    if sk::protocol(&cfg, sk) != IPPROTO_UDP {
-        return ALLOW;
+    // SAFETY: the context is the socket; `protocol` is readable in every
+    // cgroup sock program (`sock_filter_is_valid_access`).
+    if unsafe { (*ctx.sock).protocol } != u32::from(IPPROTO_UDP) {
+        return ALLOW; // most releases: TCP (followed through its states)
     }
-    let held = sk::local_port_held(&cfg, sk);
+    let sock = sk::Sock::load(sk::addr_of(ctx.sock));
+    let held = sock.port_held();
     if held == 0 {
         return ALLOW;
     }
-    let netns = sk::netns_of(&cfg, sk);
-    if sk::filtered_out(&cfg, netns) {
+    let netns = sock.netns();
+    if sk::filtered_out(netns) {
         return ALLOW;
     }
     let Some(mut event) = emit::start(kind::UDP_RELEASE, true) else {
@@ -110,7 +110,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context is the socket.
     ev.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ev.netns = netns;
-    sk::fill_tuple(&cfg, sk, ev);
+    sock.fill_tuple(IPPROTO_UDP, ev);
     ev.req_port = held;
     let cookie = ev.cookie;
     event.submit();

@@ -323,6 +323,13 @@ const WALK_HOOKS: &[Hook] = &[
         essential: false,
     },
     Hook {
+        name: "iter/tcp (followed)",
+        ways: &[way("iter_tcp_tracked", Attach::Iter("tcp"))],
+        purpose: "the TCP sockets port-trace follows, skipping accepted connections: TIME_WAIT ends (portable); \
+                  repair after loss",
+        essential: false,
+    },
+    Hook {
         name: "iter/udp",
         ways: &[way("iter_udp", Attach::Iter("udp"))],
         purpose: "UDP sockets that existed before tracing; repair after loss",
@@ -716,8 +723,10 @@ pub fn load(config: &KernelConfig, options: &LoadOptions, choice: Choice) -> Res
         reports.extend(precise);
     }
     if choice == Choice::Kprobe || (choice == Choice::Auto && name == "portable") {
-        // A fresh object: the refused precise attempts are dropped with the old one.
-        ebpf = load_object(config, options.ring_bytes)?;
+        // A fresh object: the refused precise attempts are dropped with the
+        // old one. kprobe events are joined by address, so no event may be
+        // kept in the kernel for want of a cookie.
+        ebpf = load_object(&keyed_by_address(config), options.ring_bytes)?;
         let kprobe = attach(&mut ebpf, KPROBE_HOOKS, "kprobe");
         let all = kprobe.iter().all(|(_, ok)| *ok);
         if choice == Choice::Kprobe && !all {
@@ -756,6 +765,11 @@ impl Backend {
             crate::model::Proto::Tcp => "iter/tcp",
             crate::model::Proto::Udp => "iter/udp",
         };
+        self.attached(hook)
+    }
+
+    /// Whether the hook of this name is attached (for iterators: loaded).
+    fn attached(&self, hook: &str) -> bool {
         self.hooks.iter().any(|h| h.hook == hook && h.status.starts_with("attached"))
     }
 
@@ -764,10 +778,22 @@ impl Backend {
     /// each socket and writes a SNAPSHOT record to the iterator's output,
     /// returned here whole. The iterator takes the namespace of the thread
     /// that creates it, so this thread enters `netns` for that moment.
-    pub fn walk(&mut self, proto: crate::model::Proto, netns: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    ///
+    /// With `followed_only` (only when events are joined by cookie), a TCP
+    /// walk skips the sockets no hook of ours ever saw: on a busy server,
+    /// the TIME_WAIT sockets of accepted connections, which are most of its
+    /// sockets and none of ours.
+    pub fn walk(
+        &mut self,
+        proto: crate::model::Proto,
+        netns: Option<&std::path::Path>,
+        followed_only: bool,
+    ) -> Result<Vec<u8>> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
+        let followed_only = followed_only && !self.keying_by_address && self.attached("iter/tcp (followed)");
         let name = match proto {
+            crate::model::Proto::Tcp if followed_only => "iter_tcp_tracked",
             crate::model::Proto::Tcp => "iter_tcp",
             crate::model::Proto::Udp => "iter_udp",
         };
@@ -818,7 +844,9 @@ pub fn read_lost(lost: &PerCpuArray<MapData, u64>) -> u64 {
 
 /// The configuration for this kernel: only `netns_filter` (0: all), wake
 /// the reader once `wakeup_bytes` wait (0: every event), `options` bits
-/// ([`port_trace_common::options`]).
+/// ([`port_trace_common::options`]). Events are joined by cookie
+/// (`KEYED_BY_COOKIE`) unless the kprobe backend is loaded
+/// ([`keyed_by_address`]).
 pub fn kernel_config(netns_filter: Option<u32>, wakeup_bytes: u32, options: u32) -> Result<KernelConfig> {
     let btf = crate::btf::Btf::from_sys_fs()?;
     Ok(KernelConfig {
@@ -826,8 +854,14 @@ pub fn kernel_config(netns_filter: Option<u32>, wakeup_bytes: u32, options: u32)
         netns_filter: netns_filter.unwrap_or(0),
         offsets: crate::offsets::kernel_offsets(&btf)?,
         wakeup_bytes,
-        options,
+        options: options | port_trace_common::options::KEYED_BY_COOKIE,
     })
+}
+
+/// `config` for programs whose events userspace joins by socket address
+/// (the kprobe backend): nothing is held back for want of a cookie.
+fn keyed_by_address(config: &KernelConfig) -> KernelConfig {
+    KernelConfig { options: config.options & !port_trace_common::options::KEYED_BY_COOKIE, ..*config }
 }
 
 /// How many bytes may wait in a ring buffer of `ring_bytes` before the

@@ -496,7 +496,10 @@ impl Live {
                     self.pipeline.tracker.abandon_walk();
                     return Ok(());
                 }
-                match self.backend.walk(*proto, if own { None } else { path.as_deref() }) {
+                // Only adoption needs every socket; the others compare the
+                // sockets we follow, which all carry cookies.
+                let followed_only = !adopt_unknown;
+                match self.backend.walk(*proto, if own { None } else { path.as_deref() }, followed_only) {
                     Ok(records) => {
                         let deadline = self.deadline;
                         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };

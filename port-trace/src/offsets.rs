@@ -3,7 +3,7 @@
 //! between 6.1 and 6.18).
 
 use anyhow::{bail, Context, Result};
-use port_trace_common::KernelOffsets;
+use port_trace_common::{KernelOffsets, SOCK_HEAD_BYTES};
 
 use crate::btf::Btf;
 
@@ -53,7 +53,39 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
             inode_ino: field(btf, "inode.i_ino", 8)?,
         })
     };
-    get().context("this kernel's socket structures are not what port-trace knows how to read")
+    let offsets = get().and_then(|offsets| check_head(&offsets).map(|()| offsets));
+    offsets.context("this kernel's socket structures are not what port-trace knows how to read")
+}
+
+/// The programs copy a socket's first [`SOCK_HEAD_BYTES`] in one read and
+/// load these `sock_common` fields from that copy as aligned words: each must
+/// lie inside the copy, at an offset aligned for the width it is loaded as.
+fn check_head(o: &KernelOffsets) -> Result<()> {
+    // (name, offset, bytes, alignment of the load)
+    let fields = [
+        ("skc_daddr", o.skc_daddr, 4, 4),
+        ("skc_rcv_saddr", o.skc_rcv_saddr, 4, 4),
+        ("skc_dport", o.skc_dport, 2, 2),
+        ("skc_num", o.skc_num, 2, 2),
+        ("skc_family", o.skc_family, 2, 2),
+        ("skc_state", o.skc_state, 1, 1),
+        ("skc_net", o.skc_net, 8, 8),
+        ("skc_v6_daddr", o.skc_v6_daddr, 16, 4),
+        ("skc_v6_rcv_saddr", o.skc_v6_rcv_saddr, 16, 4),
+        ("skc_cookie", o.skc_cookie, 8, 8),
+    ];
+    for (name, offset, bytes, align) in fields {
+        if offset as usize + bytes > SOCK_HEAD_BYTES {
+            bail!(
+                "sock_common.{name} ends at byte {}, past the {SOCK_HEAD_BYTES} bytes read at once",
+                offset as usize + bytes
+            );
+        }
+        if offset % align != 0 {
+            bail!("sock_common.{name} sits at byte {offset}, not {align}-byte aligned");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -71,5 +103,20 @@ mod tests {
         assert!(offsets.skc_v6_daddr > offsets.skc_daddr);
         assert!(offsets.sk_protocol > offsets.skc_v6_rcv_saddr);
         assert_eq!(offsets.skc_num, offsets.skc_dport + 2);
+    }
+
+    /// A layout whose cookie lies past the one-read head is refused with
+    /// the field's name, not loaded into programs that would read zeroes.
+    #[test]
+    fn head_fields_past_the_copy_are_refused() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let mut offsets = kernel_offsets(&btf).expect("offsets");
+        check_head(&offsets).expect("the running kernel fits");
+        offsets.skc_cookie = SOCK_HEAD_BYTES as u32;
+        let error = check_head(&offsets).unwrap_err().to_string();
+        assert!(error.contains("skc_cookie"), "{error}");
+        offsets.skc_cookie = 90;
+        let error = check_head(&offsets).unwrap_err().to_string();
+        assert!(error.contains("aligned"), "{error}");
     }
 }

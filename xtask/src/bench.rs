@@ -59,6 +59,11 @@ pub struct Options {
     /// Where to write the JSON results; default `target/bench/results.json`.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Also run `watch --format json` with this other port-trace binary (a
+    /// build of an earlier commit), in the same rounds: before and after
+    /// measured side by side, as "port-trace baseline".
+    #[arg(long, value_name = "BIN")]
+    baseline: Option<PathBuf>,
 }
 
 /// The nginx port inside the namespace.
@@ -120,6 +125,8 @@ impl Workload {
 enum Config {
     Untraced,
     PortTrace,
+    /// `watch` with the binary given by `--baseline`.
+    PortTraceBaseline,
     /// `watch` as before the cost work: a wake-up per event and every TCP
     /// state change sent up (`--ring-wakeup-bytes 0 --all-states`).
     PortTraceUnbatched,
@@ -129,9 +136,10 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Config::Untraced,
         Config::PortTrace,
+        Config::PortTraceBaseline,
         Config::PortTraceUnbatched,
         Config::PortTraceRecord,
         Config::Tcplife,
@@ -140,13 +148,17 @@ impl Config {
 
     /// One of port-trace's own configurations.
     fn is_port_trace(self) -> bool {
-        matches!(self, Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord)
+        matches!(
+            self,
+            Config::PortTrace | Config::PortTraceBaseline | Config::PortTraceUnbatched | Config::PortTraceRecord
+        )
     }
 
     fn name(self) -> &'static str {
         match self {
             Config::Untraced => "untraced",
             Config::PortTrace => "port-trace watch",
+            Config::PortTraceBaseline => "port-trace baseline",
             Config::PortTraceUnbatched => "port-trace unbatched",
             Config::PortTraceRecord => "port-trace record",
             Config::Tcplife => "tcplife",
@@ -244,6 +256,12 @@ pub fn run(options: &Options) -> Result<()> {
             Config::Tcplife => tcplife.as_ref().err().cloned(),
             Config::Bpftrace => bpftrace.as_ref().err().cloned(),
             Config::Untraced | Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => None,
+            // Not asked for: not a configuration of this run at all.
+            Config::PortTraceBaseline if options.baseline.is_none() => continue,
+            Config::PortTraceBaseline => {
+                let bin = options.baseline.as_deref().unwrap_or(Path::new(""));
+                (!bin.is_file()).then(|| format!("--baseline {}: no such file", bin.display()))
+            }
         };
         match unavailable {
             Some(reason) => {
@@ -277,6 +295,9 @@ pub fn run(options: &Options) -> Result<()> {
                     Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
                         port_trace.to_string_lossy().into_owned()
                     }
+                    Config::PortTraceBaseline => {
+                        options.baseline.as_deref().unwrap_or(Path::new("")).to_string_lossy().into_owned()
+                    }
                     Config::Tcplife => tcplife.clone().unwrap_or_default(),
                     Config::Bpftrace => bpftrace.clone().unwrap_or_default(),
                     Config::Untraced => String::new(),
@@ -296,7 +317,9 @@ pub fn run(options: &Options) -> Result<()> {
     }
     drop(env);
 
-    let table = render_table(&workloads, &Config::ALL, &samples, &skipped);
+    let shown: Vec<Config> =
+        Config::ALL.into_iter().filter(|&c| c != Config::PortTraceBaseline || options.baseline.is_some()).collect();
+    let table = render_table(&workloads, &shown, &samples, &skipped);
     println!("{table}");
     for line in LEGEND {
         println!("{line}");
@@ -330,11 +353,16 @@ fn ensure_tool(candidates: &[&str], package: &str, notes: &mut Vec<String>) -> R
         return Ok(path);
     }
     eprintln!("bench: {} missing; installing the Debian package `{package}`", candidates[0]);
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status();
+    let apt_get = |args: &[&str]| {
+        Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").stdout(Stdio::null()).status()
+    };
+    let install = ["install", "-y", "--no-install-recommends", package];
+    // A stale package index names versions the mirror no longer has (404):
+    // refresh it once and try again.
+    let status = match apt_get(&install) {
+        Ok(s) if !s.success() => apt_get(&["update"]).and_then(|_| apt_get(&install)),
+        other => other,
+    };
     match status {
         Ok(s) if s.success() => match find() {
             Some(path) => {
@@ -531,7 +559,7 @@ impl Tracer {
         let err = env.dir.join(format!("{tag}.err"));
         let netns = format!("/run/netns/{}", env.ns);
         let mut cmd = match config {
-            Config::PortTrace => {
+            Config::PortTrace | Config::PortTraceBaseline => {
                 let mut cmd = Command::new(bin);
                 cmd.args(["watch", "--format", "json", "--netns", &netns, "--force", "--output"]).arg(&out);
                 cmd
@@ -718,7 +746,7 @@ fn run_one(
     stop(&mut tracer.child, "-INT", Duration::from_secs(10));
     let output = fs::read_to_string(&tracer.out).with_context(|| format!("cannot read {}", tracer.out.display()))?;
     let (events, records, lost) = match config {
-        Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
+        Config::PortTrace | Config::PortTraceBaseline | Config::PortTraceUnbatched | Config::PortTraceRecord => {
             // Sockets found at startup (e.g. TIME_WAIT left by an earlier
             // run) are reported as `snapshot` allocations: not this run's.
             let allocs = output
