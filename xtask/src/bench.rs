@@ -11,9 +11,11 @@
 //!
 //! Configurations, alternated within each round: untraced; `port-trace
 //! watch --format json --netns /run/netns/<ns>` to a file (release build);
-//! the same with the cost work undone (`--ring-wakeup-bytes 0 --all-states`:
-//! a reader wake-up per event, every TCP state change sent up), to measure
-//! what batching and in-kernel filtering buy; `port-trace record`;
+//! with `--baseline BIN`, the same `watch` with another build (an earlier
+//! commit: before and after in one run); `watch` with two options undone
+//! (`--ring-wakeup-bytes 0 --all-states`: a reader wake-up per event, every
+//! TCP state change of the sockets it follows sent up), to measure what
+//! batching and state filtering buy; `port-trace record`;
 //! libbpf-tools `tcplife` (under `stdbuf -oL`) to a file; a bpftrace
 //! one-liner on `tracepoint:sock:inet_sock_set_state`, one line per event,
 //! to a file.
