@@ -38,11 +38,15 @@ fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: sk::
     }
     let sock = sk::Sock::load(sk::addr_of_arg(sk_ptr));
     // Leaving CLOSE (connect, listen) is where a socket we follow is born:
-    // its cookie is asked for below (assigning one). Any later transition
-    // of a socket we follow finds it set.
+    // ask its cookie (assigning one), before the reservation, so that a full
+    // ring does not leave it without the cookie its later events are matched
+    // by. Any later transition of a socket we follow finds it set: one
+    // without is an accepted connection (see options::KEYED_BY_COOKIE).
     let born = old as u8 == TCP_CLOSE;
-    if !born && sk::unknown_to_us(sock.stored_cookie()) {
-        return 0; // an accepted connection (see options::KEYED_BY_COOKIE)
+    let how = if born { how } else { sk::Cookie::Stored };
+    let cookie = sk::cookie_of(how, sk_ptr, &sock);
+    if sk::unknown_to_us(cookie) {
+        return 0;
     }
     if sock.protocol() != IPPROTO_TCP {
         return 0; // MPTCP subflows and others share this tracepoint.
@@ -50,13 +54,6 @@ fn on_state_change(sk_ptr: *mut core::ffi::c_void, old: i32, new: i32, how: sk::
     let netns = sock.netns();
     if sk::filtered_out(netns) {
         return 0;
-    }
-    // Asked before the reservation, so that a full ring does not leave a
-    // newborn socket without the cookie its later events are matched by.
-    let how = if born { how } else { sk::Cookie::Stored };
-    let cookie = sk::cookie_of(how, sk_ptr, &sock);
-    if sk::unknown_to_us(cookie) {
-        return 0; // raw tracepoint: a socket nobody asked the cookie of
     }
     // Leaving CLOSE runs in the caller's process context; every other
     // transition may run in softirq, where `current` is a stranger.

@@ -148,6 +148,8 @@ impl Counts {
     }
 }
 
+/// One port record as JSON. Written by [`JsonPort::write_json`]; the serde
+/// derive is the reference its unit test compares the bytes with.
 #[derive(Serialize)]
 struct JsonPort<'a> {
     #[serde(rename = "type")]

@@ -100,6 +100,22 @@ pub fn require_root(test: &str) -> bool {
     );
 }
 
+/// The lines of a child's piped stdout, read by a background thread (so
+/// that waiting for one can time out); the channel ends at EOF.
+pub fn stdout_lines(child: &mut Child) -> Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// Everything read from a pipe so far, by a background thread.
 ///
 /// Unlike joining a reader thread, [`Capture::finish`] cannot hang when a
@@ -441,16 +457,7 @@ impl HeldWorkload {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting the workload `{scenario}`"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let mut w = HeldWorkload {
             stdin: child.stdin.take(),
             stderr: child.stderr.take().map(Capture::start),

@@ -17,10 +17,10 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -28,8 +28,8 @@ use port_trace_integration::check::{self, Finding, Kind, Report};
 use port_trace_integration::netns::NetNs;
 use port_trace_integration::truth::Truth;
 use port_trace_integration::{
-    assert_report, output_with_input, output_with_timeout, prepare_netns, require_root, rfc3339, tracer_bin,
-    tracer_extra_args, Capture, LiveSession, SessionOptions,
+    assert_report, output_with_input, output_with_timeout, prepare_netns, require_root, rfc3339, stdout_lines,
+    tracer_bin, tracer_extra_args, Capture, LiveSession, SessionOptions,
 };
 use serde_json::Value;
 
@@ -153,16 +153,7 @@ impl Exhaust {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting port-exhaust")?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let stdin = child.stdin.take();
         let stderr = child.stderr.take().map(Capture::start);
         let why = match lines.recv_timeout(READY_TIMEOUT) {

@@ -21,7 +21,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +29,8 @@ use port_trace_integration::netns::NetNs;
 use port_trace_integration::procnet;
 use port_trace_integration::tracer::Tracer;
 use port_trace_integration::{
-    check, output_with_timeout, require_root, tracer_bin, tracer_extra_args, Capture, HEADER_TIMEOUT, STOP_TIMEOUT,
+    check, output_with_timeout, require_root, stdout_lines, tracer_bin, tracer_extra_args, Capture, HEADER_TIMEOUT,
+    STOP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -883,16 +883,7 @@ impl Holder {
             .spawn()
             .unwrap();
         let err = Capture::start(child.stderr.take().unwrap());
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx): (_, Receiver<String>) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         match rx.recv_timeout(timeout).ok().and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
             Some(ready) if ready["op"] == "ready" => Holder { child, ready },
             other => {

@@ -261,6 +261,12 @@ struct Row<'a> {
     state: &'a str,
 }
 
+/// The row a listener must have: TCP, its own port, pid, comm and address
+/// (`port` and `pid` as text), no remote end, LISTEN.
+fn listening_row<'a>(listener: &'a Listener, port: &'a str, pid: &'a str) -> Row<'a> {
+    Row { port, proto: "tcp", pid, comm: &listener.comm, local: &listener.addr, remote: "-", state: "LISTEN" }
+}
+
 /// The lifecycle table's rows on the screen (no field of them has spaces
 /// in these tests: the comms are chosen so).
 fn rows(screen: &str) -> Vec<Row<'_>> {
@@ -476,17 +482,8 @@ fn top_shows_held_ports_during_a_storm_and_q_quits() {
     tmux.type_text("/").unwrap();
     tmux.type_text(&listener.comm).unwrap();
     tmux.press("Enter").unwrap();
-    let port = listener.port.to_string();
-    let pid = listener.pid.to_string();
-    let want = Row {
-        port: &port,
-        proto: "tcp",
-        pid: &pid,
-        comm: &listener.comm,
-        local: &listener.addr,
-        remote: "-",
-        state: "LISTEN",
-    };
+    let (port, pid) = (listener.port.to_string(), listener.pid.to_string());
+    let want = listening_row(&listener, &port, &pid);
     let filter_shown = format!("filter \"{}\"", listener.comm);
     let screen = tmux
         .wait_for_screen("the listener's row", SCREEN_TIMEOUT, |s| s.contains(&filter_shown) && rows(s).contains(&want))
@@ -537,17 +534,8 @@ fn ctrl_c_quits_top_and_restores_the_terminal() {
     let tmux = Tmux::start(120, 40, &top_argv(&ns)).unwrap();
     tmux.wait_for_screen("its panes", HEADER_TIMEOUT, drawn).unwrap();
     let listener = Listener::start(&ns, Path::new(LISTENER), 39124, "pt-top-ctrlc", None, &[], READY_TIMEOUT).unwrap();
-    let port = listener.port.to_string();
-    let pid = listener.pid.to_string();
-    let want = Row {
-        port: &port,
-        proto: "tcp",
-        pid: &pid,
-        comm: &listener.comm,
-        local: &listener.addr,
-        remote: "-",
-        state: "LISTEN",
-    };
+    let (port, pid) = (listener.port.to_string(), listener.pid.to_string());
+    let want = listening_row(&listener, &port, &pid);
     tmux.wait_for_screen("the listener's row", SCREEN_TIMEOUT, |s| rows(s).contains(&want)).unwrap();
 
     tmux.press("C-c").unwrap();

@@ -67,22 +67,14 @@ pub async fn run(args: ReportArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
+    use super::super::tests::parse;
     use super::*;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ReportArgs,
-    }
 
     #[test]
     fn filters_and_duration_reach_the_trace() {
-        let cli =
-            Cli::try_parse_from(["report", "-d", "5s", "-c", "curl", "-P", "80", "--proto", "tcp", "-4"]).unwrap();
-        assert!(cli.args.files.is_empty());
-        let trace = trace_args(&cli.args);
+        let args = parse(&["-d", "5s", "-c", "curl", "-P", "80", "--proto", "tcp", "-4"]).unwrap();
+        assert!(args.files.is_empty());
+        let trace = trace_args(&args);
         assert_eq!(trace.duration, Some(std::time::Duration::from_secs(5)));
         assert_eq!(trace.select.comm.as_deref(), Some("curl"));
         assert!(trace.select.ipv4 && !trace.select.ipv6);
@@ -91,8 +83,8 @@ mod tests {
 
     #[test]
     fn a_report_needs_files_or_a_duration() {
-        assert!(Cli::try_parse_from(["report"]).is_err());
-        assert!(Cli::try_parse_from(["report", "-d", "1s"]).is_ok());
-        assert!(Cli::try_parse_from(["report", "a.jsonl"]).is_ok());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["-d", "1s"]).is_ok());
+        assert!(parse(&["a.jsonl"]).is_ok());
     }
 }

@@ -146,7 +146,7 @@ fn write_report(args: &ReportArgs, report: &analysis::Report, out: &mut dyn Writ
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
@@ -162,7 +162,8 @@ mod tests {
         args: ReportArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<ReportArgs, clap::Error> {
+    /// `report ARGS...` parsed as the CLI parses it.
+    pub(crate) fn parse(args: &[&str]) -> Result<ReportArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("report").chain(args.iter().copied())).map(|c| c.args)
     }
 
