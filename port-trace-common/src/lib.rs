@@ -10,7 +10,7 @@
 
 /// Version of this ABI. Bump it whenever [`RawEvent`] or [`KernelConfig`]
 /// change shape or meaning; the loader refuses an object with another version.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// How many bytes of a socket's start (its `sock_common`) the programs copy
 /// in one read; the loader checks that every `sock_common` field they take
@@ -207,7 +207,19 @@ pub struct KernelConfig {
     pub wakeup_bytes: u32,
     /// [`options`] bits.
     pub options: u32,
+    /// Slots of the per-thread tables of calls in flight (connect, bind),
+    /// minus one: a thread uses slot `tid & in_call_slots_mask`. The loader
+    /// sizes the tables to match ([`IN_CALL_SLOTS`] by default).
+    pub in_call_slots_mask: u32,
 }
+
+/// Slots of each per-thread table of calls in flight, by default: thread
+/// ids below this never share one (`kernel.pid_max` is 32768 by default on
+/// hosts of up to 32 CPUs). A power of two.
+pub const IN_CALL_SLOTS: u32 = 32768;
+
+/// Names of the per-thread tables of calls in flight.
+pub const IN_CALL_SLOT_MAPS: [&str; 2] = ["CONNECT_SLOTS", "BIND_SLOTS"];
 
 /// Bits of [`KernelConfig::options`].
 pub mod options {
@@ -236,7 +248,7 @@ const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);
 const _: () = assert!(core::mem::offset_of!(RawEvent, laddr) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(RawEvent, raddr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 96);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 100);
 
 #[cfg(feature = "user")]
 mod user {

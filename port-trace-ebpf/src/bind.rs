@@ -5,15 +5,19 @@
 //! every process: they must be cheap and always allow the call (return 1).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie},
+    helpers::generated::bpf_get_socket_cookie,
     macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{SockAddrContext, SockContext, TracePointContext},
     EbpfContext,
 };
 use port_trace_common::kind;
 
-use crate::{emit, sk, udp};
+use crate::{
+    emit,
+    in_call::{self, Slot},
+    sk, udp,
+};
 
 const ALLOW: i32 = 1;
 const IPPROTO_TCP: u16 = 6;
@@ -36,8 +40,13 @@ pub struct BindRequest {
     addr: [u32; 4],
 }
 
-#[map(name = "BIND_REQUEST")]
-static BIND_REQUEST: LruHashMap<u64, BindRequest> = LruHashMap::with_max_entries(4096, 0);
+/// Each thread's `bind()` in flight (see `in_call`).
+#[map(name = "BIND_SLOTS")]
+static BIND_SLOTS: Array<Slot<BindRequest>> = Array::with_max_entries(in_call::SLOTS, 0);
+
+/// The calls whose thread found its slot held by another thread.
+#[map(name = "BIND_SPILLED")]
+static BIND_SPILLED: LruHashMap<u64, BindRequest> = LruHashMap::with_max_entries(in_call::SPILLED, 0);
 
 #[inline(always)]
 fn remember_bind_request(ctx: &SockAddrContext, v6: bool) -> i32 {
@@ -60,7 +69,7 @@ fn remember_bind_request(ctx: &SockAddrContext, v6: bool) -> i32 {
         // SAFETY: as above.
         addr: if v6 { unsafe { (*ctx.sock_addr).user_ip6 } } else { [unsafe { (*ctx.sock_addr).user_ip4 }, 0, 0, 0] },
     };
-    let _ = BIND_REQUEST.insert(bpf_get_current_pid_tgid(), request, 0);
+    in_call::put(&BIND_SLOTS, &BIND_SPILLED, &request);
     ALLOW
 }
 
@@ -81,10 +90,7 @@ fn report_bind(ctx: &SockContext) -> i32 {
     if !sk::configured() {
         return ALLOW;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: map value read by copy.
-    let requested = unsafe { BIND_REQUEST.get(pid_tgid) }.map_or(0, |r| r.port);
-    let _ = BIND_REQUEST.remove(pid_tgid);
+    let requested = in_call::take(&BIND_SLOTS, &BIND_SPILLED).map_or(0, |r| r.port);
     let sock = sk::Sock::load(sk::addr_of(ctx.sock));
     let protocol = sock.protocol();
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
@@ -123,22 +129,16 @@ pub fn post_bind6(ctx: SockContext) -> i32 {
     report_bind(&ctx)
 }
 
-/// Offset of `ret` in the `syscalls:sys_exit_*` record.
-const SYS_EXIT_RET_OFFSET: usize = 16;
 const EADDRINUSE: i32 = 98;
 
 /// `bind()` returns: a bind that failed because the port is taken (or, for
 /// port 0, because the range is exhausted) is an allocation failure.
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn sys_exit_bind(ctx: TracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: map value read by copy.
-    let Some(request) = (unsafe { BIND_REQUEST.get(pid_tgid) }).copied() else {
+    let Some(request) = in_call::take(&BIND_SLOTS, &BIND_SPILLED) else {
         return 0; // not a TCP/UDP bind, or post_bind consumed it (success)
     };
-    let _ = BIND_REQUEST.remove(pid_tgid);
-    // SAFETY: the record layout is fixed by the syscall tracepoint format.
-    let ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) }.unwrap_or(0) as i32;
+    let ret = in_call::sys_exit_ret(&ctx);
     if ret != -EADDRINUSE {
         return 0;
     }

@@ -4,15 +4,19 @@
 //! the port the call ended with, and the call's return code.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie},
+    helpers::generated::bpf_get_socket_cookie,
     macros::{cgroup_sock_addr, map, tracepoint},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{SockAddrContext, TracePointContext},
     EbpfContext,
 };
 use port_trace_common::kind;
 
-use crate::{emit, sk, udp};
+use crate::{
+    emit,
+    in_call::{self, Slot},
+    sk, udp,
+};
 
 const IPPROTO_TCP: u16 = 6;
 const IPPROTO_UDP: u16 = 17;
@@ -36,8 +40,13 @@ pub struct PendingConnect {
     raddr: [u32; 4],
 }
 
-#[map(name = "PENDING_CONNECT")]
-static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(4096, 0);
+/// Each thread's `connect()` in flight (see `in_call`).
+#[map(name = "CONNECT_SLOTS")]
+static CONNECT_SLOTS: Array<Slot<PendingConnect>> = Array::with_max_entries(in_call::SLOTS, 0);
+
+/// The calls whose thread found its slot held by another thread.
+#[map(name = "CONNECT_SPILLED")]
+static CONNECT_SPILLED: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(in_call::SPILLED, 0);
 
 #[inline(always)]
 fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
@@ -60,7 +69,7 @@ fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
         _pad: 0,
         raddr,
     };
-    let _ = PENDING_CONNECT.insert(bpf_get_current_pid_tgid(), pending, 0);
+    in_call::put(&CONNECT_SLOTS, &CONNECT_SPILLED, &pending);
     ALLOW
 }
 
@@ -76,20 +85,13 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     stash(&ctx, true)
 }
 
-/// Offset of `ret` in the `syscalls:sys_exit_*` record.
-const SYS_EXIT_RET_OFFSET: usize = 16;
-
 /// The `connect()` syscall returns: report the port the socket now holds.
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: the value stays valid until we remove it below.
-    let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }) else {
+    let Some(pending) = in_call::take(&CONNECT_SLOTS, &CONNECT_SPILLED) else {
         return 0;
     };
-    let (sk, cookie, port_before, rport, raddr) =
-        (pending.sk, pending.cookie, pending.port_before, pending.rport, pending.raddr);
-    let _ = PENDING_CONNECT.remove(pid_tgid);
+    let PendingConnect { sk, cookie, port_before, rport, raddr, .. } = pending;
     if !sk::configured() {
         return 0;
     }
@@ -108,8 +110,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     let ev = event.fields();
     ev.cookie = cookie;
     ev.netns = netns;
-    // SAFETY: the record layout is fixed by the syscall tracepoint format.
-    ev.ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) }.unwrap_or(0) as i32;
+    ev.ret = in_call::sys_exit_ret(&ctx);
     sock.fill_tuple(protocol, ev);
     // A failed connect clears the destination (`tcp_v4_connect` error path):
     // keep what the caller asked for.

@@ -5,10 +5,14 @@
 //! always lets the traced operation proceed (cgroup hooks return 1).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add` (no CAS).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod bind;
 mod connect;
 mod emit;
+mod in_call;
 mod iter;
 mod kprobes;
 mod port_fns;

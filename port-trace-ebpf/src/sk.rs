@@ -42,6 +42,7 @@ pub(crate) static CONFIG: KernelConfig = KernelConfig {
     },
     wakeup_bytes: 0,
     options: 0,
+    in_call_slots_mask: 0,
 };
 
 /// One setting of [`CONFIG`], read with a load of its own. `CONFIG` lives in

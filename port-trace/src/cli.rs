@@ -75,6 +75,15 @@ fn ring_kib(s: &str) -> Result<u32, String> {
     Ok(kib)
 }
 
+/// `--in-call-slots`: a power of two, at most the default.
+fn in_call_slots(s: &str) -> Result<u32, String> {
+    let slots: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of slots"))?;
+    if !slots.is_power_of_two() || slots > port_trace_common::IN_CALL_SLOTS {
+        return Err(format!("{slots}: the slots must be a power of two up to {}", port_trace_common::IN_CALL_SLOTS));
+    }
+    Ok(slots)
+}
+
 /// Where `--metrics` serves: `PORT`, `:PORT` or `HOST:PORT` (loopback
 /// unless a host is named).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +247,11 @@ pub struct TraceArgs {
     /// before/after comparison; the default is an eighth of the ring.
     #[arg(long, value_name = "BYTES", hide = true)]
     pub ring_wakeup_bytes: Option<u32>,
+    /// Slots per table of connect() and bind() calls in flight (a power of
+    /// two up to 32768). Threads whose ids share a slot fall back to a hash
+    /// map; a test makes them share on purpose.
+    #[arg(long, value_name = "N", hide = true, value_parser = in_call_slots)]
+    pub in_call_slots: Option<u32>,
     /// Show the kernel verifier's log when a program is refused.
     #[arg(short = 'v', long)]
     pub verbose: bool,

@@ -12,7 +12,9 @@ use aya::programs::{
     RawTracePoint, TracePoint,
 };
 use aya::{Btf, Ebpf, EbpfLoader};
-use port_trace_common::{KernelConfig, ABI_VERSION, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP};
+use port_trace_common::{
+    KernelConfig, ABI_VERSION, CONFIG_GLOBAL, EVENTS_MAP, IN_CALL_SLOTS, IN_CALL_SLOT_MAPS, LOST_MAP,
+};
 
 use crate::output::HookReport;
 use crate::system;
@@ -486,11 +488,12 @@ fn raise_memlock() {
 /// Loads the object with the configuration for this kernel.
 fn load_object(config: &KernelConfig, ring_bytes: u32) -> Result<Ebpf> {
     raise_memlock();
-    EbpfLoader::new()
-        .override_global(CONFIG_GLOBAL, config, true)
-        .map_max_entries(EVENTS_MAP, ring_bytes)
-        .load(EBPF_OBJECT)
-        .context("loading the eBPF object (maps) failed")
+    let mut loader = EbpfLoader::new();
+    loader.override_global(CONFIG_GLOBAL, config, true).map_max_entries(EVENTS_MAP, ring_bytes);
+    for map in IN_CALL_SLOT_MAPS {
+        loader.map_max_entries(map, config.in_call_slots_mask + 1);
+    }
+    loader.load(EBPF_OBJECT).context("loading the eBPF object (maps) failed")
 }
 
 /// The first of `names` that the running kernel's BTF has as a function.
@@ -844,10 +847,16 @@ pub fn read_lost(lost: &PerCpuArray<MapData, u64>) -> u64 {
 
 /// The configuration for this kernel: only `netns_filter` (0: all), wake
 /// the reader once `wakeup_bytes` wait (0: every event), `options` bits
-/// ([`port_trace_common::options`]). Events are joined by cookie
-/// (`KEYED_BY_COOKIE`) unless the kprobe backend is loaded
+/// ([`port_trace_common::options`]), `in_call_slots` per table of calls in
+/// flight (a power of two; `None`: [`IN_CALL_SLOTS`]). Events are joined by
+/// cookie (`KEYED_BY_COOKIE`) unless the kprobe backend is loaded
 /// ([`keyed_by_address`]).
-pub fn kernel_config(netns_filter: Option<u32>, wakeup_bytes: u32, options: u32) -> Result<KernelConfig> {
+pub fn kernel_config(
+    netns_filter: Option<u32>,
+    wakeup_bytes: u32,
+    options: u32,
+    in_call_slots: Option<u32>,
+) -> Result<KernelConfig> {
     let btf = crate::btf::Btf::from_sys_fs()?;
     Ok(KernelConfig {
         abi_version: ABI_VERSION,
@@ -855,6 +864,7 @@ pub fn kernel_config(netns_filter: Option<u32>, wakeup_bytes: u32, options: u32)
         offsets: crate::offsets::kernel_offsets(&btf)?,
         wakeup_bytes,
         options: options | port_trace_common::options::KEYED_BY_COOKIE,
+        in_call_slots_mask: in_call_slots.unwrap_or(IN_CALL_SLOTS) - 1,
     })
 }
 
@@ -890,7 +900,7 @@ pub struct Probe {
 /// Asks the kernel, hook by hook, what it allows. Attaches nothing for
 /// longer than the probe and mounts nothing.
 pub fn probe_all(verbose: bool) -> Result<Vec<Probe>> {
-    let config = kernel_config(None, 0, 0)?;
+    let config = kernel_config(None, 0, 0, None)?;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut probes = Vec::new();
 

@@ -163,7 +163,7 @@ impl Plan {
         let ring_bytes = trace.ring_buffer_kib * 1024;
         let options = if trace.all_states { port_trace_common::options::ALL_TCP_STATES } else { 0 };
         let wakeup_bytes = trace.ring_wakeup_bytes.unwrap_or_else(|| kernel::wakeup_bytes(ring_bytes));
-        let config = kernel::kernel_config(netns, wakeup_bytes, options)?;
+        let config = kernel::kernel_config(netns, wakeup_bytes, options, trace.in_call_slots)?;
         let mut backend = kernel::load(
             &config,
             &kernel::LoadOptions { ring_bytes, verbose: trace.verbose, skip_mechanisms: trace.skip_mechanism.clone() },
