@@ -10,15 +10,15 @@
 //!    while the metapackage points at the same version. Its `boot/config-*`
 //!    must enable what the guest and the requested backends need.
 //! 2. The binaries: `cargo xtask build` (port-trace), then the kernel test
-//!    binary and `port-workload` (`cargo test --no-run`, paths from cargo's
-//!    JSON messages). Their debug info is stripped in the copies.
+//!    binary, `port-workload` and `port-storm` (`cargo test --no-run`, paths
+//!    from cargo's JSON messages). Their debug info is stripped in the copies.
 //! 3. The initramfs, `target/vm/initramfs.cpio` (uncompressed `newc`: the
 //!    kernel unpacks it faster than it would inflate it under emulation):
 //!    busybox-static with its applets, iproute2's `ip` (busybox's lacks
 //!    `netns`), the binaries above and every shared library `ldd` lists,
 //!    `/etc/vm-test.conf` and `/init` (`xtask/vm/init.sh`). The test binary
-//!    finds `port-workload` at the absolute path cargo compiled into it, so
-//!    that is where it goes in the guest too.
+//!    finds `port-workload` and `port-storm` at the absolute paths cargo
+//!    compiled into it, so that is where they go in the guest too.
 //! 4. The guest: `qemu-system-x86_64 -accel tcg` (KVM hangs on these
 //!    machines), serial console streamed to the terminal and saved in
 //!    `target/vm/console.log`. `/init` runs the kernel tests once per
@@ -356,9 +356,12 @@ struct TestBinaries {
     portable: PathBuf,
     /// `target/debug/port-workload`, also the path compiled into `kernel`.
     workload: PathBuf,
+    /// `target/debug/port-storm`, likewise.
+    storm: PathBuf,
 }
 
-/// Builds the kernel test binary and `port-workload` and finds their paths.
+/// Builds the kernel test binary, `port-workload` and `port-storm` and finds
+/// their paths.
 fn test_binaries() -> Result<TestBinaries> {
     let mut cmd = util::cargo()?;
     cmd.args(["test", "-p", "port-trace-integration", "--test", "kernel", "--test", "portable", "--no-run"])
@@ -376,6 +379,7 @@ fn test_binaries() -> Result<TestBinaries> {
         kernel: find("test", "kernel")?,
         portable: find("test", "portable")?,
         workload: find("bin", "port-workload")?,
+        storm: find("bin", "port-storm")?,
     })
 }
 
@@ -463,6 +467,7 @@ fn initramfs(
         (&tests.kernel, GUEST_TESTS.into()),
         (&tests.portable, GUEST_PORTABLE_TESTS.into()),
         (&tests.workload, tests.workload.clone()),
+        (&tests.storm, tests.storm.clone()),
     ];
     for (host, guest) in rust_binaries {
         let source = match &strip {
