@@ -207,8 +207,9 @@ pub struct KernelConfig {
     pub wakeup_bytes: u32,
     /// [`options`] bits.
     pub options: u32,
-    /// Slots of the per-thread tables of calls in flight (connect, bind),
-    /// minus one: a thread uses slot `tid & in_call_slots_mask`. The loader
+    /// Slots of the per-thread tables of calls in flight (connect, bind, and
+    /// the entry state of the precise and kprobe backends' function
+    /// probes), minus one: a thread uses slot `tid & in_call_slots_mask`. The loader
     /// sizes the tables to match ([`IN_CALL_SLOTS`] by default).
     pub in_call_slots_mask: u32,
 }
@@ -219,7 +220,7 @@ pub struct KernelConfig {
 pub const IN_CALL_SLOTS: u32 = 32768;
 
 /// Names of the per-thread tables of calls in flight.
-pub const IN_CALL_SLOT_MAPS: [&str; 2] = ["CONNECT_SLOTS", "BIND_SLOTS"];
+pub const IN_CALL_SLOT_MAPS: [&str; 3] = ["CONNECT_SLOTS", "BIND_SLOTS", "CALL_ENTRY_SLOTS"];
 
 /// Bits of [`KernelConfig::options`].
 pub mod options {

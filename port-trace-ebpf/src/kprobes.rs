@@ -5,7 +5,6 @@
 //! and the socket's address, by which the tracker joins them.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::{kprobe, kretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -23,13 +22,13 @@ fn arg(ctx: &ProbeContext, n: usize) -> *mut c_void {
 #[inline(always)]
 fn remember_get_port(ctx: &ProbeContext) -> u32 {
     let snum = ctx.arg::<u64>(1).unwrap_or(0) as u16;
-    port_fns::remember_entry(bpf_get_current_pid_tgid(), arg(ctx, 0), snum);
+    port_fns::remember_entry(arg(ctx, 0), snum);
     0
 }
 
 #[inline(always)]
 fn report_get_port(ctx: &RetProbeContext, protocol: u16) -> u32 {
-    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+    match port_fns::take_entry() {
         Some(e) => {
             port_fns::get_port(e.sk_ptr as *mut c_void, e.port, ctx.ret::<u64>() as i32, protocol, Cookie::Stored)
         }
@@ -40,13 +39,13 @@ fn report_get_port(ctx: &RetProbeContext, protocol: u16) -> u32 {
 #[inline(always)]
 fn remember_hash_connect(ctx: &ProbeContext) -> u32 {
     let sk = arg(ctx, 1);
-    port_fns::remember_entry(bpf_get_current_pid_tgid(), sk, port_fns::port_at_entry(sk));
+    port_fns::remember_entry(sk, port_fns::port_at_entry(sk));
     0
 }
 
 #[inline(always)]
 fn report_hash_connect(ctx: &RetProbeContext) -> u32 {
-    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+    match port_fns::take_entry() {
         Some(e) => port_fns::hash_connect(e.sk_ptr as *mut c_void, e.port, ctx.ret::<u64>() as i32, Cookie::Stored),
         None => 0,
     }
@@ -144,13 +143,13 @@ pub fn kprobe_tcp_twsk_destructor(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn remember_socket(ctx: &ProbeContext) -> u32 {
-    port_fns::remember_entry(bpf_get_current_pid_tgid(), arg(ctx, 0), 0);
+    port_fns::remember_entry(arg(ctx, 0), 0);
     0
 }
 
 #[inline(always)]
 fn report_datagram_connect(ctx: &RetProbeContext) -> u32 {
-    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+    match port_fns::take_entry() {
         Some(e) => port_fns::datagram_connect(e.sk_ptr as *mut c_void, ctx.ret::<u64>() as i32, Cookie::Stored),
         None => 0,
     }

@@ -6,13 +6,14 @@
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     macros::map,
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
 };
 use core::ffi::c_void;
 use port_trace_common::kind;
 
 use crate::{
     emit,
+    in_call::{self, Slot},
     sk::{self, Cookie},
 };
 
@@ -45,27 +46,26 @@ pub struct Entry {
     _pad2: u32,
 }
 
-/// Entry state of the get_port and hash_connect calls in flight, per thread
-/// (they do not nest).
-#[map(name = "CALL_ENTRY")]
-static CALL_ENTRY: LruHashMap<u64, Entry> = LruHashMap::with_max_entries(4096, 0);
+/// Entry state of the get_port and hash_connect calls in flight, one slot
+/// per thread (they do not nest; see `in_call`).
+#[map(name = "CALL_ENTRY_SLOTS")]
+static CALL_ENTRY_SLOTS: Array<Slot<Entry>> = Array::with_max_entries(in_call::SLOTS, 0);
+
+/// The calls whose thread found its slot held by another thread.
+#[map(name = "CALL_ENTRY_SPILLED")]
+static CALL_ENTRY_SPILLED: LruHashMap<u64, Entry> = LruHashMap::with_max_entries(in_call::SPILLED, 0);
 
 /// Remembers a call's entry state for its exit.
 #[inline(always)]
-pub fn remember_entry(pid_tgid: u64, sk_ptr: *mut c_void, port: u16) {
+pub fn remember_entry(sk_ptr: *mut c_void, port: u16) {
     let entry = Entry { sk_ptr: sk_ptr as u64, port, _pad: 0, _pad2: 0 };
-    let _ = CALL_ENTRY.insert(pid_tgid, entry, 0);
+    in_call::put(&CALL_ENTRY_SLOTS, &CALL_ENTRY_SPILLED, &entry);
 }
 
 /// Takes a call's entry state back at its exit.
 #[inline(always)]
-pub fn take_entry(pid_tgid: u64) -> Option<Entry> {
-    // SAFETY: map value read by copy.
-    let entry = unsafe { CALL_ENTRY.get(pid_tgid) }.copied();
-    if entry.is_some() {
-        let _ = CALL_ENTRY.remove(pid_tgid);
-    }
-    entry
+pub fn take_entry() -> Option<Entry> {
+    in_call::take(&CALL_ENTRY_SLOTS, &CALL_ENTRY_SPILLED)
 }
 
 /// `skc_num` of a socket at a function's entry.

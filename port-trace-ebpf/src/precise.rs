@@ -2,7 +2,6 @@
 //! and take back local ports. Bodies in `port_fns.rs`.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
@@ -34,7 +33,7 @@ pub fn fexit_udp_v6_get_port(ctx: FExitContext) -> u32 {
 #[fentry(function = "inet_hash_connect")]
 pub fn fentry_inet_hash_connect(ctx: FEntryContext) -> u32 {
     let sk = ctx.arg(1);
-    port_fns::remember_entry(bpf_get_current_pid_tgid(), sk, port_fns::port_at_entry(sk));
+    port_fns::remember_entry(sk, port_fns::port_at_entry(sk));
     0
 }
 
@@ -42,7 +41,7 @@ pub fn fentry_inet_hash_connect(ctx: FEntryContext) -> u32 {
 /// -EADDRNOTAVAIL when the range is exhausted for this destination.
 #[fexit(function = "inet_hash_connect")]
 pub fn fexit_inet_hash_connect(ctx: FExitContext) -> u32 {
-    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+    match port_fns::take_entry() {
         Some(entry) => port_fns::hash_connect(ctx.arg(1), entry.port, ctx.arg::<u64>(2) as i32, Cookie::Helper),
         None => 0,
     }
@@ -52,14 +51,14 @@ pub fn fexit_inet_hash_connect(ctx: FExitContext) -> u32 {
 #[fentry(function = "inet6_hash_connect")]
 pub fn fentry_inet6_hash_connect(ctx: FEntryContext) -> u32 {
     let sk = ctx.arg(1);
-    port_fns::remember_entry(bpf_get_current_pid_tgid(), sk, port_fns::port_at_entry(sk));
+    port_fns::remember_entry(sk, port_fns::port_at_entry(sk));
     0
 }
 
 /// `inet6_hash_connect` exit.
 #[fexit(function = "inet6_hash_connect")]
 pub fn fexit_inet6_hash_connect(ctx: FExitContext) -> u32 {
-    match port_fns::take_entry(bpf_get_current_pid_tgid()) {
+    match port_fns::take_entry() {
         Some(entry) => port_fns::hash_connect(ctx.arg(1), entry.port, ctx.arg::<u64>(2) as i32, Cookie::Helper),
         None => 0,
     }

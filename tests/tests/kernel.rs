@@ -136,9 +136,9 @@ fn accepted_connections_stay_in_the_kernel() {
 /// the workload got (its `getsockname`) must arrive as exactly one `alloc`
 /// of its pid, with the origin and `ephemeral` flag it asked for (a bind's
 /// requested port is what tells them apart: a mix-up between threads shows
-/// as a wrong flag), nothing else, and nothing lost. (The precise and kprobe
-/// backends, in the VM, keep connect and bind state in their own entry map:
-/// there the run checks the same truth without the slots.)
+/// as a wrong flag), nothing else, and nothing lost. With the precise and
+/// kprobe backends (in the VM) the slots shared are those of their function
+/// probes' entry state (`inet_hash_connect`, `get_port`).
 #[test]
 fn threads_sharing_call_slots_lose_nothing() {
     let test = "threads_sharing_call_slots_lose_nothing";
