@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use port_trace_common::{flags, kind, RawEvent, COMM_LEN};
 
-use crate::model::{Family, Proto, TcpState};
+use crate::model::{Comm, Family, Proto, TcpState};
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,7 +35,7 @@ pub struct Task {
     /// Thread id.
     pub tid: u32,
     /// Command name.
-    pub comm: String,
+    pub comm: Comm,
     /// cgroup v2 id (0 when unknown).
     pub cgroup: u64,
 }
@@ -153,9 +153,12 @@ pub struct KernelEvent {
     pub tw_addr: u64,
 }
 
-fn comm_of(raw: &[u8; COMM_LEN]) -> String {
+fn comm_of(raw: &[u8; COMM_LEN]) -> Comm {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    match std::str::from_utf8(&raw[..end]) {
+        Ok(comm) => Comm::new(comm),
+        Err(_) => Comm::new(String::from_utf8_lossy(&raw[..end])),
+    }
 }
 
 fn addr_of(family: Family, raw: &[u8; 16]) -> IpAddr {

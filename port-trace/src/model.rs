@@ -3,6 +3,10 @@
 
 use std::fmt;
 
+/// A command name (`comm`): at most 15 bytes from the kernel, kept inline
+/// (up to 24 bytes), so that cloning it into every record allocates nothing.
+pub type Comm = compact_str::CompactString;
+
 /// Transport protocol.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {

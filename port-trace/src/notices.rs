@@ -398,7 +398,7 @@ impl ListenerNotices {
             laddr: p.laddr,
             lport: p.lport,
             pid: p.pid,
-            comm: p.comm.clone(),
+            comm: p.comm.to_string(),
             netns: p.netns,
             range: n.range,
             range_name: n.range_name.name(),

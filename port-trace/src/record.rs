@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{Family, Origin, Proto, ReleaseReason, TcpState};
+use crate::model::{Comm, Family, Origin, Proto, ReleaseReason, TcpState};
 
 /// The port a record is about, and who holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct PortRef {
     /// that ran in softirq context).
     pub pid: u32,
     /// Owner's command name.
-    pub comm: String,
+    pub comm: Comm,
     /// Owner's cgroup v2 id (0 when unknown).
     pub cgroup: u64,
     /// Whether the kernel chose the port (`None` when the allocation was not

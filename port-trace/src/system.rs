@@ -257,9 +257,7 @@ pub fn socket_owners(netns: Option<u32>) -> std::collections::HashMap<u32, crate
             let owner = owner.get_or_insert_with(|| crate::decode::Task {
                 pid,
                 tid: pid,
-                comm: fs::read_to_string(entry.path().join("comm"))
-                    .map(|c| c.trim_end().to_string())
-                    .unwrap_or_default(),
+                comm: fs::read_to_string(entry.path().join("comm")).map(|c| c.trim_end().into()).unwrap_or_default(),
                 cgroup: cgroup_root.as_deref().and_then(|root| cgroup_of_pid_under(root, pid)).unwrap_or(0),
             });
             owners.entry(inode).or_insert_with(|| owner.clone());

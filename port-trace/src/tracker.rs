@@ -27,7 +27,7 @@
 use foldhash::{HashMap, HashSet, HashSetExt};
 
 use crate::decode::{Endpoints, Happening, KernelEvent, Task};
-use crate::model::{Origin, Proto, ReleaseReason, TcpState};
+use crate::model::{Comm, Origin, Proto, ReleaseReason, TcpState};
 use crate::record::{PortRecord, PortRef, RecordBody};
 
 /// Where a tracked socket is in its port's life.
@@ -164,7 +164,7 @@ pub struct Tracker {
 pub const DEFAULT_MAX_TRACKED: usize = 1 << 17;
 
 fn unknown_owner() -> Task {
-    Task { pid: 0, tid: 0, comm: String::new(), cgroup: 0 }
+    Task { pid: 0, tid: 0, comm: Comm::default(), cgroup: 0 }
 }
 
 /// TCP states from which a clean move to CLOSE is the TIME_WAIT hand-off.

@@ -362,7 +362,7 @@ fn port_ref(p: &reader::Port, ephemeral: Option<bool>) -> PortRef {
         raddr: p.raddr,
         rport: p.rport,
         pid: p.pid,
-        comm: p.comm.to_string(),
+        comm: p.comm.as_ref().into(),
         cgroup: p.cgroup,
         ephemeral,
     }

@@ -346,7 +346,7 @@ mod tests {
             raddr: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
             rport: Some(8080),
             pid: 4242,
-            comm: comm.to_string(),
+            comm: comm.into(),
             cgroup: 0,
             ephemeral: Some(true),
         }

@@ -164,7 +164,7 @@ impl PortRow {
             raddr: port.raddr,
             rport: port.rport,
             pid: port.pid,
-            comm: port.comm.clone(),
+            comm: port.comm.to_string(),
             since_ns: ts_ns,
             alloc_seen: false,
             state: None,
@@ -184,7 +184,8 @@ impl PortRow {
         self.rport = port.rport;
         self.pid = port.pid;
         if self.comm != port.comm {
-            self.comm.clone_from(&port.comm);
+            self.comm.clear();
+            self.comm.push_str(&port.comm);
         }
     }
 
@@ -716,7 +717,7 @@ mod tests {
             raddr: Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))),
             rport: Some(8080),
             pid,
-            comm: comm.to_string(),
+            comm: comm.into(),
             cgroup: 0,
             ephemeral: Some(true),
         }
