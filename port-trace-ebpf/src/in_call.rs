@@ -1,11 +1,12 @@
 //! State carried through one system call on one thread: from a hook that runs
 //! before the kernel picks a port (`connect4`, `bind4`) to the hook that sees
 //! the outcome later in the same call (`sys_exit_connect`, `post_bind4`,
-//! `sys_exit_bind`).
+//! `sys_exit_bind`), and from a function probe's entry to its exit (the
+//! precise and kprobe backends: `inet_hash_connect`, `get_port`).
 //!
 //! A hash map keyed by `pid_tgid` costs an insert, a lookup and a delete per
-//! call, each taking a bucket lock: about 330 ns per `connect()` on the
-//! benchmark machines. Here a thread uses the slot of an array indexed by the
+//! call, each taking a bucket lock: about 300 ns per `connect()` under the
+//! benchmark's TCP storm. Here a thread uses the slot of an array indexed by the
 //! low bits of its thread id, which needs no lock. The loader sizes the
 //! arrays ([`SLOTS`] by default, `in_call_slots_mask` + 1), so thread ids
 //! below that (every thread where `kernel.pid_max` is at most that: the
