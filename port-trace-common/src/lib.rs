@@ -209,8 +209,8 @@ pub struct KernelConfig {
     pub options: u32,
     /// Slots of the per-thread tables of calls in flight (connect, bind, and
     /// the entry state of the precise and kprobe backends' function
-    /// probes), minus one: a thread uses slot `tid & in_call_slots_mask`. The loader
-    /// sizes the tables to match ([`IN_CALL_SLOTS`] by default).
+    /// probes), minus one: a thread uses slot `tid & in_call_slots_mask`.
+    /// The loader sizes the tables to match ([`IN_CALL_SLOTS`] by default).
     pub in_call_slots_mask: u32,
 }
 

@@ -19,6 +19,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
+    macros::map,
     maps::{Array, LruHashMap},
     programs::TracePointContext,
     EbpfContext,
@@ -29,6 +30,14 @@ pub use port_trace_common::IN_CALL_SLOTS as SLOTS;
 /// Spilled calls (slot taken by another thread whose id has the same low
 /// bits) per table.
 pub const SPILLED: u32 = 4096;
+
+/// Calls kept in the spill maps now, over all tables: an upper bound (an
+/// entry an LRU map evicts is never taken back and stays counted). While it
+/// is 0, [`take`] needs no hash lookup, and most of its callers find nothing:
+/// `sys_exit_connect` after an `AF_UNIX` connect, `sys_exit_bind` after a
+/// netlink bind or a bind `post_bind` already took.
+#[map(name = "IN_CALL_SPILLED")]
+static SPILLED_NOW: Array<u64> = Array::with_max_entries(1, 0);
 
 /// One thread's call in flight.
 #[repr(C)]
@@ -56,16 +65,16 @@ unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
     }
 }
 
-/// Adds `n` (wrapping: `u64::MAX` takes one away) to a slot's claims
-/// atomically. The result is not used, so this is BPF's oldest atomic
+/// Adds `n` (wrapping: `u64::MAX` takes one away) to a counter in map
+/// memory atomically. The result is not used, so this is BPF's oldest atomic
 /// instruction (`lock xadd`), which needs no newer instruction set.
 ///
 /// # Safety
-/// `slot` valid for writes.
+/// `counter` valid for writes and 8-byte aligned.
 #[inline(always)]
-unsafe fn add_claims<T>(slot: *mut Slot<T>, n: u64) {
-    // SAFETY: aligned map memory (the caller's promise).
-    let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*slot).claims, n) };
+unsafe fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller's promise.
+    let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, n) };
 }
 
 /// The current thread's slot of `slots`.
@@ -89,15 +98,19 @@ pub fn put<T: Copy>(slots: &Array<Slot<T>>, spilled: &LruHashMap<u64, T>, value:
                 copy_words(&raw mut (*slot).value, value);
                 return;
             }
-            add_claims(slot, 1);
+            add(&raw mut (*slot).claims, 1);
             if (&raw const (*slot).claims).read_volatile() == 1 {
                 copy_words(&raw mut (*slot).value, value);
                 (&raw mut (*slot).owner).write_volatile(me);
                 return;
             }
             // Another thread's call holds it: give the claim back.
-            add_claims(slot, u64::MAX);
+            add(&raw mut (*slot).claims, u64::MAX);
         }
+    }
+    if let Some(count) = SPILLED_NOW.get_ptr_mut(0) {
+        // SAFETY: map memory; counted before the entry exists.
+        unsafe { add(count, 1) };
     }
     let _ = spilled.insert(me, value, 0);
 }
@@ -113,14 +126,21 @@ pub fn take<T: Copy>(slots: &Array<Slot<T>>, spilled: &LruHashMap<u64, T>) -> Op
                 let mut value = core::mem::MaybeUninit::<T>::uninit();
                 copy_words(value.as_mut_ptr(), &raw const (*slot).value);
                 (&raw mut (*slot).owner).write_volatile(0);
-                add_claims(slot, u64::MAX);
+                add(&raw mut (*slot).claims, u64::MAX);
                 return Some(value.assume_init());
             }
         }
     }
+    let count = SPILLED_NOW.get_ptr_mut(0)?;
+    // SAFETY: map memory.
+    if unsafe { count.read_volatile() } == 0 {
+        return None;
+    }
     // SAFETY: map value read by copy.
     let value = unsafe { spilled.get(me) }.copied()?;
     let _ = spilled.remove(me);
+    // SAFETY: map memory; uncounted after the entry is gone.
+    unsafe { add(count, u64::MAX) };
     Some(value)
 }
 
