@@ -449,6 +449,18 @@ impl HeldWorkload {
     /// Starts `workload scenario` inside `ns` and waits up to `timeout` for
     /// its `ready` line.
     pub fn start(ns: &NetNs, workload: &Path, scenario: &str, timeout: Duration) -> Result<HeldWorkload> {
+        HeldWorkload::start_until(ns, workload, scenario, "ready", timeout)
+    }
+
+    /// Starts `workload scenario` inside `ns` and waits up to `timeout` for
+    /// its line `{"op": op, ...}` (kept as [`HeldWorkload::ready`]).
+    pub fn start_until(
+        ns: &NetNs,
+        workload: &Path,
+        scenario: &str,
+        op: &str,
+        timeout: Duration,
+    ) -> Result<HeldWorkload> {
         let mut child = ns
             .command(workload)
             .arg(scenario)
@@ -466,25 +478,42 @@ impl HeldWorkload {
             stdout: Vec::new(),
             ready: Value::Null,
         };
+        w.await_op(scenario, op, timeout)?;
+        Ok(w)
+    }
+
+    /// Writes `line` to the workload's stdin (a scenario that waits at a
+    /// step goes on), then waits up to `timeout` for its line
+    /// `{"op": op, ...}`, which becomes [`HeldWorkload::ready`].
+    pub fn proceed(&mut self, line: &str, op: &str, timeout: Duration) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("the workload's stdin is closed")?;
+        stdin.write_all(format!("{line}\n").as_bytes()).context("writing to the workload's stdin")?;
+        stdin.flush().context("writing to the workload's stdin")?;
+        self.await_op("(proceeding)", op, timeout)
+    }
+
+    /// Waits up to `timeout` for a line `{"op": op, ...}`; kills the
+    /// workload and fails with its output when none comes.
+    fn await_op(&mut self, scenario: &str, op: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            match w.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
                     let v: Option<Value> = serde_json::from_str(&line).ok();
-                    w.stdout.push(line);
-                    if let Some(v) = v.filter(|v| v["op"] == "ready") {
-                        w.ready = v;
-                        return Ok(w);
+                    self.stdout.push(line);
+                    if let Some(v) = v.filter(|v| v["op"] == op) {
+                        self.ready = v;
+                        return Ok(());
                     }
                 }
                 Err(e) => {
-                    let _ = w.child.kill();
-                    let status = w.child.wait();
+                    let _ = self.child.kill();
+                    let status = self.child.wait();
                     let why = if e == RecvTimeoutError::Timeout { "in time" } else { "before closing stdout" };
                     bail!(
-                        "the workload `{scenario}` printed no ready line {why} (exit: {status:?}):\nstdout:\n{}\nstderr:\n{}",
-                        w.stdout.join("\n"),
-                        w.take_stderr()
+                        "the workload `{scenario}` printed no {op} line {why} (exit: {status:?}):\nstdout:\n{}\nstderr:\n{}",
+                        self.stdout.join("\n"),
+                        self.take_stderr()
                     );
                 }
             }

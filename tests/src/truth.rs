@@ -121,7 +121,9 @@ impl Truth {
     /// Parses the workload's stdout: one JSON object per line, the last one
     /// `{"op":"done","pid":N}`; every socket line must carry that pid. The
     /// `{"op":"ready",...}` line of a scenario that holds its sockets (see
-    /// [`crate::HeldWorkload`]) is not a socket and is skipped.
+    /// [`crate::HeldWorkload`]) is not a socket and is skipped, as is the
+    /// `{"op":"armed",...}` and `{"op":"paused",...}` lines of one that
+    /// waits at steps.
     pub fn parse(stdout: &str) -> Result<Truth> {
         let mut sockets = Vec::new();
         let mut done_pid = None;
@@ -131,7 +133,7 @@ impl Truth {
             }
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("workload line {} is not JSON: {line}", i + 1))?;
-            if v["op"] == "ready" {
+            if matches!(v["op"].as_str(), Some("ready" | "armed" | "paused")) {
                 continue;
             }
             if v["op"] == "done" {

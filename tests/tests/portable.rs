@@ -487,7 +487,14 @@ fn failed_allocations_are_counted_exactly() {
 /// children, two bound UDP sockets, a connected one), then in a burst of
 /// at most 3 s opens and closes 3000 UDP sockets, keeping every 300th open
 /// (the stragglers), and makes 500 TCP connections, aborted (so none
-/// lingers in TIME_WAIT); then it holds what is open. (The namespace then
+/// lingers in TIME_WAIT); then it holds what is open. The tracer is
+/// stopped (SIGSTOP) from the moment it has printed the known set's allocs
+/// until the burst ends, so the ring fills and the rest of the burst is
+/// lost however fast this machine is. Each UDP socket closes only once 64
+/// newer ones are open, more events later than the ring holds, so that
+/// the loss parts the allocs the tracer saw from their releases: there is
+/// always something to repair. The last 64 close, 200 µs apart, after the
+/// tracer is let go (SIGCONT): releases of sockets whose allocs were lost. (The namespace then
 /// has fewer sockets than the 4 KiB ring holds walk events, 30 of 136
 /// bytes, so that the repair walks themselves can be delivered; walks of
 /// more sockets are the subject of
@@ -524,7 +531,36 @@ fn lost_events_are_reported_and_repaired() {
         return;
     }
     let mut live = LiveSession::start(&options(RANGE, &["--ring-buffer-kib", "4"])).unwrap();
-    let held = HeldWorkload::start(live.ns(), Path::new(WORKLOAD), "churn", Duration::from_secs(30)).unwrap();
+    let mut held =
+        HeldWorkload::start_until(live.ns(), Path::new(WORKLOAD), "churn", "armed", Duration::from_secs(30)).unwrap();
+    // The known set's allocs are out of the ring before the burst.
+    let armed: Vec<Key> = held.ready["known"].as_array().into_iter().flatten().filter_map(key_of_announced).collect();
+    let tracer = live.tracer().expect("running");
+    let delivered = tracer.wait_until(Duration::from_secs(5), |r| {
+        armed.iter().all(|k| {
+            r.iter().any(|v| v["type"] == "alloc" && key_of_record(v).is_some_and(|r| r.0 == k.0 && r.1 == k.1))
+        })
+    });
+    assert!(
+        armed.len() == 12 && delivered,
+        "the tracer did not print the known set's {} allocs within 5 s: {:#?}\nhas: {:#?}",
+        armed.len(),
+        held.ready,
+        tracer.records_so_far()
+    );
+    // The tracer stands still for the burst (as a consumer descheduled on a
+    // busy host would): the ring fills and the rest is lost, whatever this
+    // machine's speed.
+    let tracer_pid = libc::pid_t::try_from(tracer.pid()).unwrap();
+    // SAFETY: kill(2) on the tracer, our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(tracer_pid, libc::SIGSTOP) }, 0, "SIGSTOP to the tracer");
+    let proceeded = held.proceed("burst", "paused", Duration::from_secs(30));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(tracer_pid, libc::SIGCONT) }, 0, "SIGCONT to the tracer");
+    proceeded.unwrap();
+    // The burst's last sockets close with the tracer running: releases
+    // whose allocs were lost.
+    held.proceed("close", "ready", Duration::from_secs(30)).unwrap();
     let burst = held.ready["burst"].clone();
     let (Some(burst_start), Some(burst_end)) =
         (burst["started"].as_str().and_then(rfc3339::parse), burst["ended"].as_str().and_then(rfc3339::parse))

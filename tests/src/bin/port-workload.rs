@@ -72,11 +72,17 @@
 //! - `churn`: for 127.0.0.1 and then ::1 a known set is opened first: a TCP
 //!   listener on a chosen port, two clients connected to it (children kept),
 //!   two UDP sockets on `bind(0)` and one UDP socket `connect()`ed to one of
-//!   them. Then a burst on 127.0.0.1: up to [`BURST_UDP`] UDP sockets on
-//!   `bind(0)`, closed at once but for every [`BURST_KEEP_EVERY`]th (the
-//!   stragglers, kept open), and up to [`BURST_TCP`] TCP connections to the
-//!   listener, accepted, then aborted on both sides (`SO_LINGER` 0: RST, no
-//!   TIME_WAIT), for at most [`BURST_MAX`]. Then one line
+//!   them; then one line `{"op":"armed","pid":N,"known":[{"proto",
+//!   "family","laddr","lport"},...]}`, and the workload waits for a line on
+//!   stdin (a test stops the tracer meanwhile). Then a burst on 127.0.0.1:
+//!   up to [`BURST_UDP`] UDP sockets on `bind(0)`, each closed once
+//!   [`BURST_UDP_OPEN`] newer ones are open (the rest at the burst's end)
+//!   but for every [`BURST_KEEP_EVERY`]th (the stragglers, kept open), and
+//!   up to [`BURST_TCP`] TCP connections to the listener, accepted, then
+//!   aborted on both sides (`SO_LINGER` 0: RST, no TIME_WAIT), for at most
+//!   [`BURST_MAX`]; then one line `{"op":"paused","pid":N,"lingering":N}`,
+//!   and on a line on stdin the last [`BURST_UDP_OPEN`] UDP sockets close,
+//!   200 µs apart (a test lets the tracer go meanwhile). Then one line
 //!   `{"op":"ready","pid":N,"burst":{"udp":N,"tcp":N,"started":T,"ended":T,
 //!   "kept":[{"proto","family","laddr","lport"},...]}}`, and the workload
 //!   waits for a line on stdin (or EOF) before closing the stragglers and the
@@ -574,7 +580,13 @@ fn time_wait(w: &mut Workload) -> Result<()> {
 /// Prints the `ready` line of a scenario that holds its sockets, then waits
 /// for a line on stdin (or EOF).
 fn ready_then_wait(w: &mut Workload, what: serde_json::Value) -> Result<()> {
-    let mut line = serde_json::json!({"op": "ready", "pid": w.pid});
+    announce_then_wait(w, "ready", what)
+}
+
+/// Prints `{"op": op, "pid": N, ...what}` and waits for a line on stdin
+/// (or EOF).
+fn announce_then_wait(w: &mut Workload, op: &str, what: serde_json::Value) -> Result<()> {
+    let mut line = serde_json::json!({"op": op, "pid": w.pid});
     if let (Some(obj), serde_json::Value::Object(more)) = (line.as_object_mut(), what) {
         obj.extend(more);
     }
@@ -742,6 +754,14 @@ const BURST_TCP: usize = 500;
 /// 3000: with the known set, fewer sockets than a 4 KiB ring buffer holds
 /// walk events, see the `crowd` scenario for more).
 const BURST_KEEP_EVERY: usize = 300;
+/// How many UDP sockets of the `churn` burst are open at once: each closes
+/// when this many newer ones are open, so that its release comes about
+/// 2 x 64 events after its alloc, further than a 4 KiB ring buffer holds
+/// (30 events). A loss then always separates some alloc the tracer saw from
+/// its release, which only a repair walk can supply; had each socket closed
+/// right after its bind, a loss could swallow whole lifetimes and leave
+/// nothing to repair.
+const BURST_UDP_OPEN: usize = 64;
 /// How long the `churn` burst may take.
 const BURST_MAX: Duration = Duration::from_secs(3);
 
@@ -784,10 +804,27 @@ fn churn(w: &mut Workload) -> Result<()> {
     }
 
     let (listener, to) = burst_listener.context("no IPv4 listener")?;
+    let announced: Vec<serde_json::Value> = known
+        .iter()
+        .flat_map(|(_, listener, clients, udps)| {
+            let tcp = std::iter::once(listener).chain(clients.iter().map(|(_, _, a)| a));
+            tcp.chain(udps.iter().map(|(_, a)| a))
+        })
+        .map(|a| {
+            serde_json::json!({
+                "proto": if a.proto == Proto::Tcp { "tcp" } else { "udp" },
+                "family": family_name(a.local.ip()),
+                "laddr": a.local.ip().to_string(),
+                "lport": a.local.port(),
+            })
+        })
+        .collect();
+    announce_then_wait(w, "armed", serde_json::json!({ "known": announced }))?;
     let started = SystemTime::now();
     let t0 = Instant::now();
     let (mut udp_n, mut tcp_n) = (0, 0);
     let mut kept = Vec::new();
+    let mut lingering = std::collections::VecDeque::with_capacity(BURST_UDP_OPEN + 1);
     let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
     while (udp_n < BURST_UDP || tcp_n < BURST_TCP) && t0.elapsed() < BURST_MAX {
         for _ in 0..BURST_UDP.div_ceil(BURST_TCP) {
@@ -796,6 +833,11 @@ fn churn(w: &mut Workload) -> Result<()> {
                 s.bind(&SocketAddr::new(v4, 0).into()).context("burst: UDP bind(0)")?;
                 if udp_n % BURST_KEEP_EVERY == 0 {
                     kept.push(s);
+                } else {
+                    lingering.push_back(s);
+                }
+                if lingering.len() > BURST_UDP_OPEN {
+                    drop(lingering.pop_front());
                 }
                 udp_n += 1;
             }
@@ -811,6 +853,14 @@ fn churn(w: &mut Workload) -> Result<()> {
             drop(child);
             tcp_n += 1;
         }
+    }
+    // The tracer is let go now (by a test that stopped it), and sees these
+    // releases, of sockets whose allocs it missed; one at a time, so that
+    // it can keep up.
+    announce_then_wait(w, "paused", serde_json::json!({ "lingering": lingering.len() }))?;
+    while let Some(s) = lingering.pop_front() {
+        drop(s);
+        std::thread::sleep(Duration::from_micros(200));
     }
     let ended = SystemTime::now();
     drop(listener);
