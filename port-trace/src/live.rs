@@ -289,6 +289,18 @@ struct Loss {
 }
 
 impl Loss {
+    /// Reports `n` events that were in the ring buffer at exit and that the
+    /// final drain had no time to read: lost too, if not by the kernel.
+    /// Called last (after the final [`Loss::report`]).
+    fn unread_at_exit<F: Frontend>(&mut self, frontend: &mut F, n: u64) -> io::Result<()> {
+        if n > 0 {
+            frontend.lost(BootClock::boot_now_ns(), n)?;
+            self.events += n;
+            self.records += 1;
+        }
+        Ok(())
+    }
+
     /// Reports events lost since the last call, if any.
     fn report<F: Frontend>(&mut self, frontend: &mut F) -> io::Result<()> {
         let lost = kernel::read_lost(&self.counter);
@@ -370,6 +382,10 @@ struct Live {
 /// Most events one synchronous drain handles (before and after a walk).
 const MAX_DRAIN: usize = 16384;
 
+/// How long the drain at exit may feed the pipeline; what is still in the
+/// ring buffer after that is counted, not decoded, and reported as lost.
+const FINAL_DRAIN_FOR: Duration = Duration::from_secs(2);
+
 /// Most events handled per wake-up before the other work of the loop.
 const BATCH: usize = 4096;
 
@@ -400,6 +416,41 @@ impl Live {
             self.pipeline.feed(&item, &mut stage)?;
         }
         Ok(false)
+    }
+
+    /// Reads what the kernel wrote up to `stop_ns` (CLOCK_BOOTTIME, when the
+    /// trace ended): into the pipeline for up to [`FINAL_DRAIN_FOR`], then
+    /// only counted; returns that count, the events left unread. A reader
+    /// that was stopped or starved may find a whole ring of backlog here
+    /// (a 1 GiB ring holds 7 million events), which a bounded drain used
+    /// to leave behind unreported. Records stamped after `stop_ns` are not
+    /// the trace's (the programs stay attached until exit): the first one
+    /// ends the drain.
+    fn drain_at_exit<F: Frontend>(&mut self, frontend: &mut F, stop_ns: u64) -> io::Result<u64> {
+        let until = std::time::Instant::now() + FINAL_DRAIN_FOR;
+        let ring = self.ring.get_mut();
+        let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
+        let mut unread = 0u64;
+        let mut feeding = true;
+        let mut n = 0u64;
+        while let Some(item) = ring.next() {
+            // Every record starts with its time stamp (`RawEvent::ts_ns`).
+            let after_stop = item.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes) > Some(stop_ns);
+            n += 1;
+            if feeding && n.is_multiple_of(256) && std::time::Instant::now() >= until {
+                feeding = false;
+            }
+            if after_stop {
+                break;
+            }
+            if feeding {
+                self.events += 1;
+                self.pipeline.feed(&item, &mut stage)?;
+            } else {
+                unread += 1;
+            }
+        }
+        Ok(unread)
     }
 
     /// Whether `--duration` has run out.
@@ -715,8 +766,9 @@ impl Live {
             }
         }
         // What the kernel wrote before we stopped.
-        self.drain(frontend)?;
+        let unread = self.drain_at_exit(frontend, BootClock::boot_now_ns())?;
         self.loss.report(frontend)?;
+        self.loss.unread_at_exit(frontend, unread)?;
         Ok(())
     }
 
