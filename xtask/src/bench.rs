@@ -15,7 +15,12 @@
 //! commit: before and after in one run); `watch` with two options undone
 //! (`--ring-wakeup-bytes 0 --all-states`: a reader wake-up per event, every
 //! TCP state change of the sockets it follows sent up), to measure what
-//! batching and state filtering buy; `port-trace record`;
+//! batching and state filtering buy; `port-trace record`; `watch` stalled
+//! (`port-trace stalled`, and `baseline stalled` with `--baseline`): its
+//! reader stopped (SIGSTOP) for the whole load and resumed after it, with a
+//! 1 GiB ring buffer that holds what the programs write meanwhile, to
+//! measure the programs alone and what a reader that falls behind costs
+//! the traced host;
 //! libbpf-tools `tcplife` (under `stdbuf -oL`) to a file; a bpftrace
 //! one-liner on `tracepoint:sock:inet_sock_set_state`, one line per event,
 //! to a file.
@@ -79,8 +84,10 @@ const MOUNT_TRACEFS: &str =
     "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || exit 1; \
      mountpoint -q /sys/kernel/debug || mount -t debugfs nodev /sys/kernel/debug; exec \"$@\"";
 /// What the table's columns mean, printed under it.
-const LEGEND: [&str; 5] = [
+const LEGEND: [&str; 6] = [
     "RATIO: throughput / untraced throughput (medians over rounds).",
+    "stalled: watch with its reader stopped (SIGSTOP) through the load, a 1 GiB ring; CPU counted while it \
+     catches up afterwards.",
     "EVENTS/CONNECTIONS: port-trace: `alloc` records (snapshot ones excluded); tcplife: lines (one per \
      session, both ends of a loopback connection); bpftrace: lines (one per TCP state change).",
     "CPU ns/ev: tracer utime + stime over the workload / records it wrote (port-trace: every record, \
@@ -133,17 +140,25 @@ enum Config {
     /// state change sent up (`--ring-wakeup-bytes 0 --all-states`).
     PortTraceUnbatched,
     PortTraceRecord,
+    /// `watch` whose reader is stopped (SIGSTOP) for the whole load, with a
+    /// 1 GiB ring buffer that holds what the programs write meanwhile: the
+    /// cost of the programs alone, and of a reader that falls behind.
+    PortTraceStalled,
+    /// The same with the binary given by `--baseline`.
+    PortTraceBaselineStalled,
     Tcplife,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 7] = [
+    const ALL: [Config; 9] = [
         Config::Untraced,
         Config::PortTrace,
         Config::PortTraceBaseline,
         Config::PortTraceUnbatched,
         Config::PortTraceRecord,
+        Config::PortTraceStalled,
+        Config::PortTraceBaselineStalled,
         Config::Tcplife,
         Config::Bpftrace,
     ];
@@ -152,8 +167,23 @@ impl Config {
     fn is_port_trace(self) -> bool {
         matches!(
             self,
-            Config::PortTrace | Config::PortTraceBaseline | Config::PortTraceUnbatched | Config::PortTraceRecord
+            Config::PortTrace
+                | Config::PortTraceBaseline
+                | Config::PortTraceUnbatched
+                | Config::PortTraceRecord
+                | Config::PortTraceStalled
+                | Config::PortTraceBaselineStalled
         )
+    }
+
+    /// Runs the `--baseline` binary.
+    fn is_baseline(self) -> bool {
+        matches!(self, Config::PortTraceBaseline | Config::PortTraceBaselineStalled)
+    }
+
+    /// Its reader is stopped for the load.
+    fn is_stalled(self) -> bool {
+        matches!(self, Config::PortTraceStalled | Config::PortTraceBaselineStalled)
     }
 
     fn name(self) -> &'static str {
@@ -163,6 +193,8 @@ impl Config {
             Config::PortTraceBaseline => "port-trace baseline",
             Config::PortTraceUnbatched => "port-trace unbatched",
             Config::PortTraceRecord => "port-trace record",
+            Config::PortTraceStalled => "port-trace stalled",
+            Config::PortTraceBaselineStalled => "baseline stalled",
             Config::Tcplife => "tcplife",
             Config::Bpftrace => "bpftrace",
         }
@@ -257,10 +289,14 @@ pub fn run(options: &Options) -> Result<()> {
         let unavailable = match config {
             Config::Tcplife => tcplife.as_ref().err().cloned(),
             Config::Bpftrace => bpftrace.as_ref().err().cloned(),
-            Config::Untraced | Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => None,
+            Config::Untraced
+            | Config::PortTrace
+            | Config::PortTraceUnbatched
+            | Config::PortTraceRecord
+            | Config::PortTraceStalled => None,
             // Not asked for: not a configuration of this run at all.
-            Config::PortTraceBaseline if options.baseline.is_none() => continue,
-            Config::PortTraceBaseline => {
+            Config::PortTraceBaseline | Config::PortTraceBaselineStalled if options.baseline.is_none() => continue,
+            Config::PortTraceBaseline | Config::PortTraceBaselineStalled => {
                 let bin = options.baseline.as_deref().unwrap_or(Path::new(""));
                 (!bin.is_file()).then(|| format!("--baseline {}: no such file", bin.display()))
             }
@@ -294,10 +330,11 @@ pub fn run(options: &Options) -> Result<()> {
             for &config in configs[start..].iter().chain(&configs[..start]) {
                 eprintln!("bench: round {round}/{rounds}: {} under {}", workload.name(), config.name());
                 let tracer_bin = match config {
-                    Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord => {
-                        port_trace.to_string_lossy().into_owned()
-                    }
-                    Config::PortTraceBaseline => {
+                    Config::PortTrace
+                    | Config::PortTraceUnbatched
+                    | Config::PortTraceRecord
+                    | Config::PortTraceStalled => port_trace.to_string_lossy().into_owned(),
+                    Config::PortTraceBaseline | Config::PortTraceBaselineStalled => {
                         options.baseline.as_deref().unwrap_or(Path::new("")).to_string_lossy().into_owned()
                     }
                     Config::Tcplife => tcplife.clone().unwrap_or_default(),
@@ -320,7 +357,7 @@ pub fn run(options: &Options) -> Result<()> {
     drop(env);
 
     let shown: Vec<Config> =
-        Config::ALL.into_iter().filter(|&c| c != Config::PortTraceBaseline || options.baseline.is_some()).collect();
+        Config::ALL.into_iter().filter(|&c| !c.is_baseline() || options.baseline.is_some()).collect();
     let table = render_table(&workloads, &shown, &samples, &skipped);
     println!("{table}");
     for line in LEGEND {
@@ -540,6 +577,31 @@ fn stop(child: &mut Child, signal: &str, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+/// Waits until `file` has stopped growing for half a second (a resumed
+/// reader has worked through its backlog), at most `limit`.
+fn wait_quiet(file: &Path, limit: Duration) {
+    let started = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    while started.elapsed() < limit {
+        let len = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if len != last.0 {
+            last = (len, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_millis(500) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The stalled configurations' ring buffer: room for what the programs
+/// write during a 10 s round of the UDP storm (about 400 MB).
+const STALLED_RING_KIB: &str = "1048576";
+
 /// A running tracer, killed on drop.
 struct Tracer {
     child: Child,
@@ -564,6 +626,12 @@ impl Tracer {
             Config::PortTrace | Config::PortTraceBaseline => {
                 let mut cmd = Command::new(bin);
                 cmd.args(["watch", "--format", "json", "--netns", &netns, "--force", "--output"]).arg(&out);
+                cmd
+            }
+            Config::PortTraceStalled | Config::PortTraceBaselineStalled => {
+                let mut cmd = Command::new(bin);
+                cmd.args(["watch", "--format", "json", "--netns", &netns, "--ring-buffer-kib", STALLED_RING_KIB]);
+                cmd.args(["--force", "--output"]).arg(&out);
                 cmd
             }
             Config::PortTraceUnbatched => {
@@ -726,7 +794,14 @@ fn run_one(
     let ids = prog_ids(pid);
     let bpf_before = if bpf_stats { Some(prog_stats(&ids)?) } else { None };
     let cpu_before = cpu_ticks(pid)?;
+    if config.is_stalled() {
+        signal(pid, "-STOP");
+    }
     let load = generator.run()?;
+    if config.is_stalled() {
+        signal(pid, "-CONT");
+        wait_quiet(&tracer.out, Duration::from_secs(30));
+    }
     // Let the tracer drain its ring buffer before reading its counters.
     thread::sleep(Duration::from_secs(1));
     let cpu_after = cpu_ticks(pid)?;
@@ -748,7 +823,12 @@ fn run_one(
     stop(&mut tracer.child, "-INT", Duration::from_secs(10));
     let output = fs::read_to_string(&tracer.out).with_context(|| format!("cannot read {}", tracer.out.display()))?;
     let (events, records, lost) = match config {
-        Config::PortTrace | Config::PortTraceBaseline | Config::PortTraceUnbatched | Config::PortTraceRecord => {
+        Config::PortTrace
+        | Config::PortTraceBaseline
+        | Config::PortTraceUnbatched
+        | Config::PortTraceRecord
+        | Config::PortTraceStalled
+        | Config::PortTraceBaselineStalled => {
             // Sockets found at startup (e.g. TIME_WAIT left by an earlier
             // run) are reported as `snapshot` allocations: not this run's.
             let allocs = output
