@@ -251,9 +251,24 @@ impl TryFrom<&[u8]> for KernelEvent {
     }
 }
 
+/// The kernel's time stamp of a ring-buffer record (`RawEvent::ts_ns`,
+/// CLOCK_BOOTTIME) without decoding the rest; `None` for a short record.
+pub fn timestamp(bytes: &[u8]) -> Option<u64> {
+    let at = std::mem::offset_of!(RawEvent, ts_ns);
+    let field = bytes.get(at..at + 8)?;
+    Some(u64::from_ne_bytes(field.try_into().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamp_reads_ts_ns_alone() {
+        let raw = RawEvent { ts_ns: 0x0102_0304_0506_0708, ..raw_bind() };
+        assert_eq!(timestamp(&bytes_of(&raw)), Some(0x0102_0304_0506_0708));
+        assert_eq!(timestamp(&bytes_of(&raw)[..4]), None);
+    }
 
     fn bytes_of(raw: &RawEvent) -> Vec<u8> {
         // SAFETY: RawEvent has no padding.

@@ -434,8 +434,7 @@ impl Live {
         let mut feeding = true;
         let mut n = 0u64;
         while let Some(item) = ring.next() {
-            // Every record starts with its time stamp (`RawEvent::ts_ns`).
-            let after_stop = item.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes) > Some(stop_ns);
+            let after_stop = crate::decode::timestamp(&item) > Some(stop_ns);
             n += 1;
             if feeding && n.is_multiple_of(256) && std::time::Instant::now() >= until {
                 feeding = false;

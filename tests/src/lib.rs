@@ -57,6 +57,15 @@ pub const DRAIN: Duration = Duration::from_secs(1);
 /// How long the tracer may take to exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sends `sig` to `pid` (a child of ours, not yet reaped); panics when
+/// kill(2) fails.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: plain kill(2).
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
 /// The workspace root: the parent of this crate's directory.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate lives inside the workspace").to_path_buf()

@@ -29,8 +29,8 @@ use port_trace_integration::rfc3339::{self, UnixNanos};
 use port_trace_integration::ss::{self, SsSocket};
 use port_trace_integration::truth::{TruthSocket, CROWD, STORM_EXTRA};
 use port_trace_integration::{
-    assert_matches_truth, assert_report, prepare_netns, require_root, run_session_with, run_workload, tracer_bin,
-    HeldWorkload, LiveSession, Session, SessionOptions,
+    assert_matches_truth, assert_report, prepare_netns, require_root, run_session_with, run_workload, signal,
+    tracer_bin, HeldWorkload, LiveSession, Session, SessionOptions,
 };
 use serde_json::Value;
 
@@ -494,10 +494,10 @@ fn failed_allocations_are_counted_exactly() {
 /// newer ones are open, more events later than the ring holds, so that
 /// the loss parts the allocs the tracer saw from their releases: there is
 /// always something to repair. The last 64 close, 200 µs apart, after the
-/// tracer is let go (SIGCONT): releases of sockets whose allocs were lost. (The namespace then
-/// has fewer sockets than the 4 KiB ring holds walk events, 30 of 136
-/// bytes, so that the repair walks themselves can be delivered; walks of
-/// more sockets are the subject of
+/// tracer is let go (SIGCONT): releases of sockets whose allocs were lost.
+/// (The namespace then has fewer sockets than the 4 KiB ring holds walk
+/// events, 30 of 136 bytes, so that the repair walks themselves can be
+/// delivered; walks of more sockets are the subject of
 /// `snapshot_of_more_sockets_than_the_ring_holds`.)
 ///
 /// The tracer must say that it lost events: `lost` records with counts
@@ -551,12 +551,10 @@ fn lost_events_are_reported_and_repaired() {
     // The tracer stands still for the burst (as a consumer descheduled on a
     // busy host would): the ring fills and the rest is lost, whatever this
     // machine's speed.
-    let tracer_pid = libc::pid_t::try_from(tracer.pid()).unwrap();
-    // SAFETY: kill(2) on the tracer, our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(tracer_pid, libc::SIGSTOP) }, 0, "SIGSTOP to the tracer");
+    let tracer_pid = tracer.pid();
+    signal(tracer_pid, libc::SIGSTOP);
     let proceeded = held.proceed("burst", "paused", Duration::from_secs(30));
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(tracer_pid, libc::SIGCONT) }, 0, "SIGCONT to the tracer");
+    signal(tracer_pid, libc::SIGCONT);
     proceeded.unwrap();
     // The burst's last sockets close with the tracer running: releases
     // whose allocs were lost.

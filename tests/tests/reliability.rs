@@ -29,8 +29,8 @@ use port_trace_integration::netns::NetNs;
 use port_trace_integration::procnet;
 use port_trace_integration::tracer::Tracer;
 use port_trace_integration::{
-    check, output_with_timeout, require_root, stdout_lines, tracer_bin, tracer_extra_args, Capture, HEADER_TIMEOUT,
-    STOP_TIMEOUT,
+    check, output_with_timeout, require_root, signal, stdout_lines, tracer_bin, tracer_extra_args, Capture,
+    HEADER_TIMEOUT, STOP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -79,14 +79,6 @@ fn watch_args(ns: &NetNs, more: &[&str]) -> Vec<OsString> {
     args.extend(more.iter().map(OsString::from));
     args.extend(tracer_extra_args());
     args
-}
-
-/// Sends `sig` to `pid` (a child of ours, not yet reaped).
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: plain kill(2).
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
 }
 
 /// Waits up to `timeout` for `child` to exit.
@@ -729,6 +721,45 @@ impl CountedTracer {
     }
 }
 
+/// The accounting of `n` UDP lifecycles (each takes one port and gives it
+/// back, and nothing else in the namespace does) in a tracer's output,
+/// `tally` and its last line parsed as `summary`: the last line is the
+/// summary; its counts are the lines printed and its `lost` the sum of the
+/// `lost` records; no more than `n` allocs or releases; and each
+/// lifecycle's alloc and release either printed or counted as lost
+/// (`alloc + lost ≥ n`, `release + lost ≥ n`: not equalities, as `lost`
+/// counts events of every kind, so one lifecycle may lose several).
+fn lifecycle_accounting(tally: &Tally, summary: &Value, n: u64) -> Vec<String> {
+    let mut bad = Vec::new();
+    if summary["type"] != "summary" {
+        bad.push(format!("the last line is not a summary: {:?}", tally.last));
+    }
+    let count = |k: &str| summary["counts"][k].as_u64();
+    for ty in ["alloc", "alloc_fail", "state", "release", "lost"] {
+        let printed = tally.by_type.get(ty).copied().unwrap_or(0);
+        if count(ty) != Some(printed) {
+            bad.push(format!("summary counts.{ty} = {:?}, but {printed} {ty} lines were printed", count(ty)));
+        }
+    }
+    let lost = summary["lost"].as_u64().unwrap_or(0);
+    let lost_sum: u64 =
+        tally.lost_records.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()?["count"].as_u64()).sum();
+    if lost_sum != lost {
+        bad.push(format!("the lost records add up to {lost_sum} events, the summary says lost {lost}"));
+    }
+    let (alloc, release) = (count("alloc").unwrap_or(0), count("release").unwrap_or(0));
+    if alloc > n || release > n {
+        bad.push(format!("{alloc} allocs and {release} releases for {n} lifecycles: more than there were"));
+    }
+    if alloc + lost < n || release + lost < n {
+        bad.push(format!(
+            "alloc {alloc} + lost {lost} and release {release} + lost {lost} must each be ≥ {n} lifecycles: \
+             events vanished unreported"
+        ));
+    }
+    bad
+}
+
 /// One million UDP port lifecycles (`port-churn cycle`: socket,
 /// bind(127.0.0.1:0), close, as fast as one thread can, at most
 /// [`SOAK_TIME_LIMIT_S`]) in a fresh namespace, traced by `watch --format
@@ -791,9 +822,6 @@ fn soak_a_million_udp_lifecycles() {
     let n = SOAK_LIFECYCLES;
     let cycles = done["cycles"].as_u64().unwrap_or(0);
     let summary: Value = tally.last.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
-    let count = |k: &str| summary["counts"][k].as_u64();
-    let lost = summary["lost"].as_u64().unwrap_or(0);
-    let (alloc, release) = (count("alloc").unwrap_or(0), count("release").unwrap_or(0));
     eprintln!(
         "soak: workload {done} ({workload_wall:.1?} wall); tracer caught up {caught_up:.1?} after it, stopped \
          {stop_took:.1?} after SIGINT; memory: {}; {} lines {:?}; lost records {:?}\nsummary: {summary}",
@@ -824,31 +852,10 @@ fn soak_a_million_udp_lifecycles() {
     if !tally.first.as_deref().is_some_and(|l| l.starts_with("{\"type\":\"header\"")) {
         bad.push(format!("the first line is not the header: {:?}", tally.first));
     }
-    if summary["type"] != "summary" {
-        bad.push(format!("the last line is not a summary: {:?}", tally.last));
-    }
     if tally.unterminated > 0 || tally.by_type.contains_key("(not a record)") {
         bad.push(format!("{} unterminated lines; lines by type {:?}", tally.unterminated, tally.by_type));
     }
-    for ty in ["alloc", "alloc_fail", "state", "release", "lost"] {
-        let printed = tally.by_type.get(ty).copied().unwrap_or(0);
-        if count(ty) != Some(printed) {
-            bad.push(format!("summary counts.{ty} = {:?}, but {printed} {ty} lines were printed", count(ty)));
-        }
-    }
-    let lost_sum: u64 =
-        tally.lost_records.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()?["count"].as_u64()).sum();
-    if lost_sum != lost {
-        bad.push(format!("the lost records add up to {lost_sum} events, the summary says lost {lost}"));
-    }
-    if alloc > n || release > n {
-        bad.push(format!("{alloc} allocs and {release} releases for {n} lifecycles: more than there were"));
-    }
-    if alloc + lost < n || release + lost < n {
-        bad.push(format!(
-            "alloc {alloc} + lost {lost} and release {release} + lost {lost} must each be ≥ {n} lifecycles"
-        ));
-    }
+    bad.extend(lifecycle_accounting(&tally, &summary, n));
     if summary["decode_errors"] != 0 {
         bad.push(format!("decode_errors {}", summary["decode_errors"]));
     }
@@ -899,9 +906,6 @@ fn backlog_at_exit_is_printed_or_counted() {
 
     let n = BACKLOG_LIFECYCLES;
     let summary: Value = tally.last.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
-    let count = |k: &str| summary["counts"][k].as_u64();
-    let lost = summary["lost"].as_u64().unwrap_or(0);
-    let (alloc, release) = (count("alloc").unwrap_or(0), count("release").unwrap_or(0));
     eprintln!(
         "backlog: workload {done}; tracer exited {stop_took:.1?} after SIGCONT and SIGINT; {} lines {:?}; lost \
          records {:?}",
@@ -916,29 +920,7 @@ fn backlog_at_exit_is_printed_or_counted() {
         Some(st) if !st.success() => bad.push(format!("exit {st}, want 0")),
         Some(_) => {}
     }
-    if summary["type"] != "summary" {
-        bad.push(format!("the last line is not a summary: {:?}", tally.last));
-    }
-    for ty in ["alloc", "release", "lost"] {
-        let printed = tally.by_type.get(ty).copied().unwrap_or(0);
-        if count(ty) != Some(printed) {
-            bad.push(format!("summary counts.{ty} = {:?}, but {printed} {ty} lines were printed", count(ty)));
-        }
-    }
-    let lost_sum: u64 =
-        tally.lost_records.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()?["count"].as_u64()).sum();
-    if lost_sum != lost {
-        bad.push(format!("the lost records add up to {lost_sum} events, the summary says lost {lost}"));
-    }
-    if alloc > n || release > n {
-        bad.push(format!("{alloc} allocs and {release} releases for {n} lifecycles: more than there were"));
-    }
-    if alloc + lost < n || release + lost < n {
-        bad.push(format!(
-            "alloc {alloc} + lost {lost} and release {release} + lost {lost} must each be ≥ {n} lifecycles: \
-             events vanished unreported"
-        ));
-    }
+    bad.extend(lifecycle_accounting(&tally, &summary, n));
     if stderr.contains("panicked") {
         bad.push("stderr has \"panicked\"".into());
     }

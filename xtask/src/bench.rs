@@ -565,7 +565,7 @@ fn stop(child: &mut Child, signal: &str, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
-    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    send(child.id(), signal);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -577,8 +577,8 @@ fn stop(child: &mut Child, signal: &str, grace: Duration) {
     let _ = child.wait();
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`) to `pid` with kill(1).
-fn signal(pid: u32, sig: &str) {
+/// Sends `sig` (`-INT`, `-STOP`, `-CONT`, ...) to `pid` with kill(1).
+fn send(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
@@ -795,11 +795,11 @@ fn run_one(
     let bpf_before = if bpf_stats { Some(prog_stats(&ids)?) } else { None };
     let cpu_before = cpu_ticks(pid)?;
     if config.is_stalled() {
-        signal(pid, "-STOP");
+        send(pid, "-STOP");
     }
     let load = generator.run()?;
     if config.is_stalled() {
-        signal(pid, "-CONT");
+        send(pid, "-CONT");
         wait_quiet(&tracer.out, Duration::from_secs(30));
     }
     // Let the tracer drain its ring buffer before reading its counters.

@@ -628,12 +628,7 @@ fn hold(w: &mut Workload) -> Result<()> {
         expect_listed("s:udp", Proto::Udp, ulocal, None, UDP_UNCONNECTED)?;
 
         for a in [&listener_alloc, &client_alloc, &udp_alloc] {
-            announced.push(serde_json::json!({
-                "proto": proto_name(a.proto),
-                "family": family_name(a.local.ip()),
-                "laddr": a.local.ip().to_string(),
-                "lport": a.local.port(),
-            }));
+            announced.push(announcement(a.proto, a.local));
         }
         held.push((listener, listener_alloc, client, client_alloc, child, udp, udp_alloc));
     }
@@ -810,14 +805,7 @@ fn churn(w: &mut Workload) -> Result<()> {
             let tcp = std::iter::once(listener).chain(clients.iter().map(|(_, _, a)| a));
             tcp.chain(udps.iter().map(|(_, a)| a))
         })
-        .map(|a| {
-            serde_json::json!({
-                "proto": if a.proto == Proto::Tcp { "tcp" } else { "udp" },
-                "family": family_name(a.local.ip()),
-                "laddr": a.local.ip().to_string(),
-                "lport": a.local.port(),
-            })
-        })
+        .map(|a| announcement(a.proto, a.local))
         .collect();
     announce_then_wait(w, "armed", serde_json::json!({ "known": announced }))?;
     let started = SystemTime::now();
@@ -871,15 +859,7 @@ fn churn(w: &mut Workload) -> Result<()> {
         "ended": rfc3339::format(ended),
         "kept": kept
             .iter()
-            .map(|s| {
-                let a = local_addr(s)?;
-                Ok(serde_json::json!({
-                    "proto": "udp",
-                    "family": family_name(a.ip()),
-                    "laddr": a.ip().to_string(),
-                    "lport": a.port(),
-                }))
-            })
+            .map(|s| Ok(announcement(Proto::Udp, local_addr(s)?)))
             .collect::<Result<Vec<_>>>()?,
     });
     ready_then_wait(w, serde_json::json!({ "burst": burst }))?;
@@ -919,12 +899,7 @@ fn crowd(w: &mut Workload) -> Result<()> {
             ensure!(local.port() == port, "c: asked for UDP port {port}, getsockname says {local}");
             let alloc = w.alloc("c:udp", "bind", Proto::Udp, local, None, "snapshot", false);
             expect_listed("c:udp", Proto::Udp, local, None, UDP_UNCONNECTED)?;
-            announced.push(serde_json::json!({
-                "proto": "udp",
-                "family": family_name(ip),
-                "laddr": local.ip().to_string(),
-                "lport": port,
-            }));
+            announced.push(announcement(Proto::Udp, local));
             held.push((sock, alloc));
         }
     }
@@ -1058,6 +1033,17 @@ fn ephemeral_range() -> Result<(u16, u16)> {
         (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
         _ => bail!("cannot parse ip_local_port_range {text:?}"),
     }
+}
+
+/// A held socket as a ready line lists it:
+/// `{"proto","family","laddr","lport"}`.
+fn announcement(proto: Proto, local: SocketAddr) -> serde_json::Value {
+    serde_json::json!({
+        "proto": proto_name(proto),
+        "family": family_name(local.ip()),
+        "laddr": local.ip().to_string(),
+        "lport": local.port(),
+    })
 }
 
 fn proto_name(p: Proto) -> &'static str {
