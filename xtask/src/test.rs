@@ -5,7 +5,7 @@
 //! tracer mounts it privately for itself when it is missing, and the tests
 //! exercise that.
 //!
-//! The tests get `PORT_TRACE_BIN=<workspace>/target/debug/port-trace`. The
+//! The tests get `PORT_TRACE_BIN=<workspace>/target/release/port-trace`. The
 //! kernel tests need root: when not root, cargo stays unprivileged and runs
 //! each test binary through `sudo -E` (cargo's target runner), so no
 //! root-owned files end up in `target/`.
