@@ -59,7 +59,8 @@ fn remember_bind_request(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let request = BindRequest {
-        sk: sk::addr_of(sk_ptr),
+        // Kept for `sys_exit_bind`, which reads through it.
+        sk: sk::addr_of_arg(sk_ptr.cast()),
         // SAFETY: the context is a socket address context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         port: u16::from_be(user_port as u16),
@@ -91,11 +92,13 @@ fn report_bind(ctx: &SockContext) -> i32 {
         return ALLOW;
     }
     let requested = in_call::take(&BIND_SLOTS, &BIND_SPILLED).map_or(0, |r| r.port);
-    let sock = sk::Sock::load(sk::addr_of(ctx.sock));
-    let protocol = sock.protocol();
+    // SAFETY: the context is the socket; `protocol` is readable in every
+    // cgroup sock program (`sock_filter_is_valid_access`).
+    let protocol = unsafe { (*ctx.sock).protocol } as u16;
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return ALLOW; // raw and ping sockets bind too
     }
+    let sock = sk::Sock::load(sk::addr_of_arg(ctx.sock.cast()));
     let netns = sock.netns();
     if sk::filtered_out(netns) {
         return ALLOW;

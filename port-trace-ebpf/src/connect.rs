@@ -35,7 +35,9 @@ pub struct PendingConnect {
     port_before: u16,
     /// Destination port asked for, host order.
     rport: u16,
-    _pad: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    protocol: u16,
+    _pad: u16,
     /// Destination address asked for (IPv4 in the first word), network order.
     raddr: [u32; 4],
 }
@@ -54,18 +56,26 @@ fn stash(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     // SAFETY: the context pointer is valid for the program's run.
-    let (sk_ptr, user_port, ip4, ip6) = unsafe {
+    let (sk_ptr, user_port, ip4, ip6, protocol) = unsafe {
         let a = &*ctx.sock_addr;
-        (a.__bindgen_anon_1.sk, a.user_port, a.user_ip4, a.user_ip6)
+        (a.__bindgen_anon_1.sk, a.user_port, a.user_ip4, a.user_ip6, a.protocol)
     };
-    let sk = sk::addr_of(sk_ptr);
+    let protocol = protocol as u16;
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return ALLOW; // raw and ping sockets connect too
+    }
     let raddr = if v6 { ip6 } else { [ip4, 0, 0, 0] };
     let pending = PendingConnect {
-        sk,
+        // Kept for `sys_exit_connect`, which reads through it.
+        sk: sk::addr_of_arg(sk_ptr.cast()),
         // SAFETY: the context is a socket address context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        port_before: sk::read(sk, sk::setting!(offsets.skc_num)),
+        // `bpf_sock.src_port` is `skc_num` (`bpf_sock_convert_ctx_access`):
+        // a direct load, where reading the socket costs a helper call.
+        // SAFETY: `sk` of a socket address context is never null.
+        port_before: unsafe { (*sk_ptr).src_port } as u16,
         rport: u16::from_be(user_port as u16),
+        protocol,
         _pad: 0,
         raddr,
     };
@@ -91,15 +101,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     let Some(pending) = in_call::take(&CONNECT_SLOTS, &CONNECT_SPILLED) else {
         return 0;
     };
-    let PendingConnect { sk, cookie, port_before, rport, raddr, .. } = pending;
+    let PendingConnect { sk, cookie, port_before, rport, protocol, raddr, .. } = pending;
     if !sk::configured() {
         return 0;
     }
     let sock = sk::Sock::load(sk);
-    let protocol = sock.protocol();
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return 0; // raw and ping sockets connect too
-    }
     let netns = sock.netns();
     if sk::filtered_out(netns) {
         return 0;

@@ -69,9 +69,11 @@ const AF_INET6: u16 = 10;
 
 /// The kernel address of a socket as a plain number.
 ///
-/// The verifier forbids arithmetic on context and socket pointers; copying the
-/// pointer through `bpf_probe_read_kernel` from the stack yields a scalar that
-/// may be offset and passed back to `bpf_probe_read_kernel`.
+/// The verifier forbids arithmetic on socket pointers (`PTR_TO_SOCKET`, a
+/// `cgroup/sock_addr` context's `sk`); copying the pointer through
+/// `bpf_probe_read_kernel` from the stack yields a scalar that may be offset
+/// and passed back to `bpf_probe_read_kernel`. Where no offset is taken,
+/// [`addr_of_arg`] is a cast.
 #[inline(always)]
 pub fn addr_of<T>(ptr: *const T) -> u64 {
     let slot: *const T = ptr;
@@ -79,12 +81,20 @@ pub fn addr_of<T>(ptr: *const T) -> u64 {
     unsafe { bpf_probe_read_kernel(&slot as *const *const T as *const u64) }.unwrap_or(0)
 }
 
-/// The kernel address of a socket argument of a tracing program: tp_btf,
-/// fentry/fexit and iterator arguments (typed pointers, which the verifier
-/// lets us offset and hand to `bpf_probe_read_kernel`; storing them in an
-/// event is allowed with CAP_PERFMON), raw tracepoint and kprobe arguments
-/// (plain numbers already). A cast, where [`addr_of`] costs a helper call;
-/// cgroup contexts still need [`addr_of`].
+/// The kernel address of a socket the verifier hands us as a pointer: a
+/// cast, where [`addr_of`] costs a helper call. The loader holds
+/// CAP_PERFMON (`bpf_probe_read_kernel` needs it anyway), so the verifier
+/// lets such pointers be passed to helpers as plain arguments and stored in
+/// maps and events (`allow_ptr_leaks`). For:
+/// - tracing program arguments: tp_btf, fentry/fexit and iterator arguments
+///   (typed pointers, which may be offset), raw tracepoint and kprobe
+///   arguments (plain numbers already);
+/// - a `cgroup/sock` program's context (`post_bind4/6`, `sock_release`),
+///   which *is* the `struct sock`: a context pointer may be offset too;
+/// - a `cgroup/sock_addr` context's `sk` (`PTR_TO_SOCKET`) that is only
+///   kept in a map for a later program, which loads it back as a number:
+///   the verifier forbids any arithmetic on `PTR_TO_SOCKET`, so a program
+///   that reads through it at an offset needs [`addr_of`].
 #[inline(always)]
 pub fn addr_of_arg(ptr: *mut core::ffi::c_void) -> u64 {
     ptr as u64

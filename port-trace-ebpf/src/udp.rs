@@ -107,7 +107,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     if unsafe { (*ctx.sock).protocol } != u32::from(IPPROTO_UDP) {
         return ALLOW; // most releases: TCP (followed through its states)
     }
-    let sock = sk::Sock::load(sk::addr_of(ctx.sock));
+    let sock = sk::Sock::load(sk::addr_of_arg(ctx.sock.cast()));
     let held = sock.port_held();
     if held == 0 {
         return ALLOW;
