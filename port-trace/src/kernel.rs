@@ -776,23 +776,24 @@ impl Backend {
         self.hooks.iter().any(|h| h.hook == hook && h.status.starts_with("attached"))
     }
 
-    /// Walks the `proto` sockets of one network namespace (`netns`, a path
-    /// to enter; the current one when `None`): the iterator program runs for
-    /// each socket and writes a SNAPSHOT record to the iterator's output,
-    /// returned here whole. The iterator takes the namespace of the thread
-    /// that creates it, so this thread enters `netns` for that moment.
+    /// Starts a walk of the `proto` sockets of one network namespace
+    /// (`netns`, a path to enter; the current one when `None`): reading the
+    /// returned file runs the iterator program over the sockets, and it
+    /// writes a SNAPSHOT record for each (whole records, in the order read,
+    /// though one `read` may end inside a record). The iterator takes the
+    /// namespace of the thread that creates it, so this thread enters
+    /// `netns` for that moment.
     ///
     /// With `followed_only` (only when events are joined by cookie), a TCP
     /// walk skips the sockets no hook of ours ever saw: on a busy server,
     /// the TIME_WAIT sockets of accepted connections, which are most of its
     /// sockets and none of ours.
-    pub fn walk(
+    pub fn open_walk(
         &mut self,
         proto: crate::model::Proto,
         netns: Option<&std::path::Path>,
         followed_only: bool,
-    ) -> Result<Vec<u8>> {
-        use std::io::Read;
+    ) -> Result<File> {
         use std::os::fd::AsRawFd;
         let followed_only = followed_only && !self.keying_by_address && self.attached("iter/tcp (followed)");
         let name = match proto {
@@ -820,11 +821,7 @@ impl Backend {
         if target.is_some() {
             setns(&own)?;
         }
-        let mut file = file.context("creating the socket iterator")?;
-        // Reading runs the walk to its end.
-        let mut records = Vec::new();
-        file.read_to_end(&mut records).context("walking the sockets")?;
-        Ok(records)
+        file.context("creating the socket iterator")
     }
 
     /// The ring buffer of events.

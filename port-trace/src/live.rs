@@ -3,6 +3,7 @@
 //! [`Frontend`] (`watch` and `record` write lines, `top` draws, `who`
 //! answers) until Ctrl-C, SIGTERM, `--duration` or the frontend says stop.
 
+use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -386,6 +387,20 @@ const MAX_DRAIN: usize = 16384;
 /// ring buffer after that is counted, not decoded, and reported as lost.
 const FINAL_DRAIN_FOR: Duration = Duration::from_secs(2);
 
+/// How much of a walk's output one read takes (some 480 sockets' records)
+/// before the ring gets its turn.
+const WALK_READ_BYTES: usize = 64 * 1024;
+
+/// How a walk's reading ended.
+enum WalkRead {
+    /// Every socket visited.
+    Done,
+    /// `--duration` ran out: the summary matters more.
+    PastDeadline,
+    /// The kernel refused or failed the walk.
+    Failed,
+}
+
 /// Longest a walk waits for the reader to take in the events from before
 /// its end (see `Live::catch_up`); 1 s is some 2 million events.
 const CATCH_UP_FOR: Duration = Duration::from_secs(1);
@@ -518,6 +533,48 @@ impl Live {
         Ok(true)
     }
 
+    /// Feeds a walk's SNAPSHOT records to the pipeline as the iterator
+    /// writes them, and between reads what the ring holds: on a host with
+    /// 100 000 TIME_WAIT sockets followed (a web server's), a walk takes
+    /// long enough that a reader waiting for its end let a 4 MiB ring
+    /// overflow under a UDP storm. Events fed during the walk are what the
+    /// walk's judgment expects to know anyway (see `Tracker::end_walk`).
+    fn feed_walk<F: Frontend>(&mut self, frontend: &mut F, mut walk: File) -> io::Result<WalkRead> {
+        use std::io::Read;
+        const RECORD: usize = std::mem::size_of::<port_trace_common::RawEvent>();
+        let mut buf = vec![0u8; WALK_READ_BYTES];
+        // A read may end inside a record: its start waits here.
+        let mut partial = Vec::with_capacity(RECORD);
+        loop {
+            let n = match walk.read(&mut buf) {
+                Ok(0) => return Ok(WalkRead::Done),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Ok(WalkRead::Failed),
+            };
+            if self.past_deadline() {
+                return Ok(WalkRead::PastDeadline);
+            }
+            let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
+            let mut bytes = &buf[..n];
+            if !partial.is_empty() {
+                let take = (RECORD - partial.len()).min(bytes.len());
+                partial.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                if partial.len() == RECORD {
+                    self.pipeline.feed(&partial, &mut stage)?;
+                    partial.clear();
+                }
+            }
+            let whole = bytes.len() - bytes.len() % RECORD;
+            for record in bytes[..whole].chunks_exact(RECORD) {
+                self.pipeline.feed(record, &mut stage)?;
+            }
+            partial.extend_from_slice(&bytes[whole..]);
+            self.read_ring(frontend, BATCH)?;
+        }
+    }
+
     /// Walks the given namespaces' sockets of `protos` (all namespaces the
     /// scope allows when `which` is `None`). With `adopt_unknown` (the first
     /// walk), unknown sockets become `snapshot` allocs, attributed through
@@ -605,18 +662,21 @@ impl Live {
                 // Only adoption needs every socket; the others compare the
                 // sockets we follow, which all carry cookies.
                 let followed_only = !adopt_unknown;
-                match self.backend.walk(*proto, if own { None } else { path.as_deref() }, followed_only) {
-                    Ok(records) => {
-                        let deadline = self.deadline;
-                        let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
-                        let size = std::mem::size_of::<port_trace_common::RawEvent>();
-                        for (i, record) in records.chunks_exact(size).enumerate() {
-                            if i % 1024 == 1023 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                                self.pipeline.tracker.abandon_walk();
-                                return Ok(false);
-                            }
-                            self.pipeline.feed(record, &mut stage)?;
-                        }
+                let walk = match self.backend.open_walk(*proto, if own { None } else { path.as_deref() }, followed_only)
+                {
+                    Ok(file) => self.feed_walk(frontend, file)?,
+                    Err(_) => WalkRead::Failed,
+                };
+                match walk {
+                    WalkRead::Failed => {
+                        self.walk_errors += 1;
+                        self.pipeline.tracker.abandon_walk();
+                    }
+                    WalkRead::PastDeadline => {
+                        self.pipeline.tracker.abandon_walk();
+                        return Ok(false);
+                    }
+                    WalkRead::Done => {
                         // What happened while the walk ran (a socket closed
                         // before the walk reached it, one opened after it
                         // passed) is in the ring: take it in before judging,
@@ -634,10 +694,6 @@ impl Live {
                         }
                         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
                         self.pipeline.end_walk(BootClock::boot_now_ns(), &mut stage)?;
-                    }
-                    Err(_) => {
-                        self.walk_errors += 1;
-                        self.pipeline.tracker.abandon_walk();
                     }
                 }
             }
