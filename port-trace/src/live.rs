@@ -238,6 +238,7 @@ impl Plan {
                 scope,
                 time_wait_walks: (!exact_time_wait_end).then_some(trace.walk_interval),
                 walk_errors: 0,
+                catch_up_for: CATCH_UP_FOR,
                 events: 0,
                 metrics,
                 started_ns: started,
@@ -366,6 +367,9 @@ struct Live {
     /// Walk interval for TIME_WAIT ends, when no hook reports them exactly.
     time_wait_walks: Option<Duration>,
     walk_errors: u64,
+    /// How long a walk may spend reading the ring before it judges
+    /// ([`CATCH_UP_FOR`]; [`EXIT_CATCH_UP_FOR`] for the last one).
+    catch_up_for: Duration,
     /// Ring-buffer records read.
     events: u64,
     /// The OpenMetrics page, re-rendered every second, when served.
@@ -404,6 +408,10 @@ enum WalkRead {
 /// Longest a walk waits for the reader to take in the events from before
 /// its end (see `Live::catch_up`); 1 s is some 2 million events.
 const CATCH_UP_FOR: Duration = Duration::from_secs(1);
+
+/// The same for the last repair walk at exit: a reader that far behind
+/// leaves the rest to the exit drain, and the run ends on time.
+const EXIT_CATCH_UP_FOR: Duration = Duration::from_millis(250);
 
 /// Most events handled per wake-up before the other work of the loop.
 const BATCH: usize = 4096;
@@ -512,9 +520,9 @@ impl Live {
     /// Feeds the ring's records to the pipeline until it has taken in
     /// everything stamped up to `until_ns` (CLOCK_BOOTTIME): until the ring
     /// runs empty or a later record has been fed. False when that takes
-    /// longer than [`CATCH_UP_FOR`] (a reader far behind a flood).
+    /// longer than `catch_up_for` (a reader far behind a flood).
     fn catch_up<F: Frontend>(&mut self, frontend: &mut F, until_ns: u64) -> io::Result<bool> {
-        let give_up = std::time::Instant::now() + CATCH_UP_FOR;
+        let give_up = std::time::Instant::now() + self.catch_up_for;
         let ring = self.ring.get_mut();
         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
         let mut n = 0u64;
@@ -887,9 +895,10 @@ impl Live {
             }
         }
         // A last repair, so that the summary's ports in use are the kernel's
-        // (the deadline is past: it no longer cuts walks short; each is
-        // bounded by `CATCH_UP_FOR` still).
+        // (the deadline is past: it no longer cuts walks short; their reads
+        // of the ring are bounded by `EXIT_CATCH_UP_FOR` instead).
         self.deadline = None;
+        self.catch_up_for = EXIT_CATCH_UP_FOR;
         let unrepaired_loss = self.loss.events > lost_at_reconcile;
         self.final_repair(frontend, unrepaired_loss)?;
         // What the kernel wrote before we stopped.
