@@ -483,9 +483,8 @@ impl Live {
     /// loss not yet repaired (`adopt`: with its adoptions), and because a
     /// UDP port's release comes from one hook only (`sock_release` on the
     /// portable backend), which the 6.18 kernel was seen to skip for about
-    /// one close in 10^6 (the program's own run counter one short, nothing
-    /// lost) while the test suite's other tracers loaded and unloaded their
-    /// programs. The periodic repair ([`RECONCILE_EVERY`]) finds such a port
+    /// one close in several million (the program's own run counter one
+    /// short, nothing lost). The periodic repair ([`RECONCILE_EVERY`]) finds such a port
     /// during a trace, this walk at its end; its release is `reconciled`.
     /// TCP needs none: its releases come from state tracepoints, and the
     /// TIME_WAIT walks run every second where TIME_WAIT ends are not seen.
