@@ -409,8 +409,9 @@ enum WalkRead {
 /// its end (see `Live::catch_up`); 1 s is some 2 million events.
 const CATCH_UP_FOR: Duration = Duration::from_secs(1);
 
-/// The same for the last repair walk at exit: a reader that far behind
-/// leaves the rest to the exit drain, and the run ends on time.
+/// The same for the last repair walk at exit, which runs once the exit
+/// drain has read everything up to the stop: short, so that the run ends
+/// on time under a flood.
 const EXIT_CATCH_UP_FOR: Duration = Duration::from_millis(250);
 
 /// Most events handled per wake-up before the other work of the loop.
@@ -450,9 +451,10 @@ impl Live {
     /// only counted; returns that count, the events left unread. A reader
     /// that was stopped or starved may find a whole ring of backlog here
     /// (a 1 GiB ring holds 7 million events), which a bounded drain used
-    /// to leave behind unreported. Records stamped after `stop_ns` are not
-    /// the trace's (the programs stay attached until exit): the first one
-    /// ends the drain.
+    /// to leave behind unreported. The programs stay attached until exit:
+    /// the first record stamped after `stop_ns`, taken in like the others
+    /// (reading consumes it), ends the drain; the last repair walk reads on
+    /// from there.
     fn drain_at_exit<F: Frontend>(&mut self, frontend: &mut F, stop_ns: u64) -> io::Result<u64> {
         let until = std::time::Instant::now() + FINAL_DRAIN_FOR;
         let ring = self.ring.get_mut();
@@ -466,14 +468,14 @@ impl Live {
             if feeding && n.is_multiple_of(256) && std::time::Instant::now() >= until {
                 feeding = false;
             }
-            if after_stop {
-                break;
-            }
             if feeding {
                 self.events += 1;
                 self.pipeline.feed(&item, &mut stage)?;
             } else {
                 unread += 1;
+            }
+            if after_stop {
+                break;
             }
         }
         Ok(unread)
@@ -893,15 +895,19 @@ impl Live {
                 _ = &mut deadline => break,
             }
         }
-        // A last repair, so that the summary's ports in use are the kernel's
-        // (the deadline is past: it no longer cuts walks short; their reads
-        // of the ring are bounded by `EXIT_CATCH_UP_FOR` instead).
-        self.deadline = None;
-        self.catch_up_for = EXIT_CATCH_UP_FOR;
-        let unrepaired_loss = self.loss.events > lost_at_reconcile;
-        self.final_repair(frontend, unrepaired_loss)?;
         // What the kernel wrote before we stopped.
         let unread = self.drain_at_exit(frontend, BootClock::boot_now_ns())?;
+        // A last repair, so that the summary's ports in use are the kernel's,
+        // once the tracker holds everything up to the stop (a reader still
+        // behind after the exit drain reports the rest as lost instead). The
+        // deadline is past: it no longer cuts walks short; their reads of
+        // the ring are bounded by `EXIT_CATCH_UP_FOR` instead.
+        if unread == 0 {
+            self.deadline = None;
+            self.catch_up_for = EXIT_CATCH_UP_FOR;
+            let unrepaired_loss = self.loss.events > lost_at_reconcile;
+            self.final_repair(frontend, unrepaired_loss)?;
+        }
         self.loss.report(frontend)?;
         self.loss.unread_at_exit(frontend, unread)?;
         Ok(())
