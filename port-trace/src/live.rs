@@ -391,9 +391,11 @@ const MAX_DRAIN: usize = 16384;
 /// ring buffer after that is counted, not decoded, and reported as lost.
 const FINAL_DRAIN_FOR: Duration = Duration::from_secs(2);
 
-/// How much of a walk's output one read takes (some 480 sockets' records)
-/// before the ring gets its turn.
+/// How much of a walk's output one read takes.
 const WALK_READ_BYTES: usize = 64 * 1024;
+
+/// Walk records fed between two turns of the ring (one read's worth).
+const WALK_RECORDS_PER_TURN: u64 = (WALK_READ_BYTES / std::mem::size_of::<port_trace_common::RawEvent>()) as u64;
 
 /// How a walk's reading ended.
 enum WalkRead {
@@ -456,25 +458,13 @@ impl Live {
     /// (reading consumes it), ends the drain; the last repair walk reads on
     /// from there.
     fn drain_at_exit<F: Frontend>(&mut self, frontend: &mut F, stop_ns: u64) -> io::Result<u64> {
-        let until = std::time::Instant::now() + FINAL_DRAIN_FOR;
-        let ring = self.ring.get_mut();
-        let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
+        if self.catch_up(frontend, stop_ns, FINAL_DRAIN_FOR)? {
+            return Ok(0);
+        }
         let mut unread = 0u64;
-        let mut feeding = true;
-        let mut n = 0u64;
-        while let Some(item) = ring.next() {
-            let after_stop = crate::decode::timestamp(&item) > Some(stop_ns);
-            n += 1;
-            if feeding && n.is_multiple_of(256) && std::time::Instant::now() >= until {
-                feeding = false;
-            }
-            if feeding {
-                self.events += 1;
-                self.pipeline.feed(&item, &mut stage)?;
-            } else {
-                unread += 1;
-            }
-            if after_stop {
+        while let Some(item) = self.ring.get_mut().next() {
+            unread += 1;
+            if crate::decode::timestamp(&item) > Some(stop_ns) {
                 break;
             }
         }
@@ -491,12 +481,6 @@ impl Live {
     /// TCP needs none: its releases come from state tracepoints, and the
     /// TIME_WAIT walks run every second where TIME_WAIT ends are not seen.
     fn final_repair<F: Frontend>(&mut self, frontend: &mut F, adopt: bool) -> io::Result<()> {
-        // The sockets to check are those the tracker holds once it has read
-        // everything so far (a stopped or starved reader may have most of
-        // the trace still in the ring).
-        if !self.catch_up(frontend, BootClock::boot_now_ns())? {
-            return Ok(());
-        }
         let namespaces = self.pipeline.tracker.namespaces();
         if namespaces.is_empty() {
             return Ok(());
@@ -521,9 +505,9 @@ impl Live {
     /// Feeds the ring's records to the pipeline until it has taken in
     /// everything stamped up to `until_ns` (CLOCK_BOOTTIME): until the ring
     /// runs empty or a later record has been fed. False when that takes
-    /// longer than `catch_up_for` (a reader far behind a flood).
-    fn catch_up<F: Frontend>(&mut self, frontend: &mut F, until_ns: u64) -> io::Result<bool> {
-        let give_up = std::time::Instant::now() + self.catch_up_for;
+    /// longer than `budget` (a reader far behind a flood).
+    fn catch_up<F: Frontend>(&mut self, frontend: &mut F, until_ns: u64, budget: Duration) -> io::Result<bool> {
+        let give_up = std::time::Instant::now() + budget;
         let ring = self.ring.get_mut();
         let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
         let mut n = 0u64;
@@ -548,39 +532,28 @@ impl Live {
     /// long enough that a reader waiting for its end let a 4 MiB ring
     /// overflow under a UDP storm. Events fed during the walk are what the
     /// walk's judgment expects to know anyway (see `Tracker::end_walk`).
-    fn feed_walk<F: Frontend>(&mut self, frontend: &mut F, mut walk: File) -> io::Result<WalkRead> {
+    fn feed_walk<F: Frontend>(&mut self, frontend: &mut F, walk: File) -> io::Result<WalkRead> {
         use std::io::Read;
         const RECORD: usize = std::mem::size_of::<port_trace_common::RawEvent>();
-        let mut buf = vec![0u8; WALK_READ_BYTES];
-        // A read may end inside a record: its start waits here.
-        let mut partial = Vec::with_capacity(RECORD);
+        // One `read` may end inside a record; `read_exact` joins the pieces.
+        let mut walk = io::BufReader::with_capacity(WALK_READ_BYTES, walk);
+        let mut record = [0u8; RECORD];
+        let mut fed = 0u64;
         loop {
-            let n = match walk.read(&mut buf) {
-                Ok(0) => return Ok(WalkRead::Done),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            match walk.read_exact(&mut record) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(WalkRead::Done),
                 Err(_) => return Ok(WalkRead::Failed),
-            };
-            if self.past_deadline() {
-                return Ok(WalkRead::PastDeadline);
             }
             let mut stage = Stage { analysis: &mut self.analysis, frontend, derived: Vec::new() };
-            let mut bytes = &buf[..n];
-            if !partial.is_empty() {
-                let take = (RECORD - partial.len()).min(bytes.len());
-                partial.extend_from_slice(&bytes[..take]);
-                bytes = &bytes[take..];
-                if partial.len() == RECORD {
-                    self.pipeline.feed(&partial, &mut stage)?;
-                    partial.clear();
+            self.pipeline.feed(&record, &mut stage)?;
+            fed += 1;
+            if fed.is_multiple_of(WALK_RECORDS_PER_TURN) {
+                if self.past_deadline() {
+                    return Ok(WalkRead::PastDeadline);
                 }
+                self.read_ring(frontend, BATCH)?;
             }
-            let whole = bytes.len() - bytes.len() % RECORD;
-            for record in bytes[..whole].chunks_exact(RECORD) {
-                self.pipeline.feed(record, &mut stage)?;
-            }
-            partial.extend_from_slice(&bytes[whole..]);
-            self.read_ring(frontend, BATCH)?;
         }
     }
 
@@ -697,7 +670,7 @@ impl Live {
                         // the events lost). Too far behind, it leaves the
                         // judgment to a later walk.
                         let walk_ended_ns = BootClock::boot_now_ns();
-                        if !self.catch_up(frontend, walk_ended_ns)? || self.past_deadline() {
+                        if !self.catch_up(frontend, walk_ended_ns, self.catch_up_for)? || self.past_deadline() {
                             self.pipeline.tracker.abandon_walk();
                             return Ok(false);
                         }
