@@ -20,6 +20,8 @@ use crate::{
 
 const IPPROTO_TCP: u16 = 6;
 const IPPROTO_UDP: u16 = 17;
+const TCP_SYN_SENT: u8 = 2;
+const EINPROGRESS: i32 = 115;
 
 const ALLOW: i32 = 1;
 
@@ -106,6 +108,17 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
         return 0;
     }
     let sock = sk::Sock::load(sk);
+    let ret = in_call::sys_exit_ret(&ctx);
+    if protocol == IPPROTO_TCP && (ret == 0 || ret == -EINPROGRESS) && sock.state() != TCP_SYN_SENT {
+        // The handshake ended inside the call (loopback runs it in softirq
+        // on the way out of `inet_stream_connect`): its state change, which
+        // `inet_sk_state_store` traces before storing the new state, has
+        // already reported the port and the destination. Only a connect
+        // still in SYN_SENT (its port shows here first) or a failed one
+        // (its errno: EADDRNOTAVAIL when `inet_hash_connect` found no
+        // port) needs this event.
+        return 0;
+    }
     let netns = sock.netns();
     if sk::filtered_out(netns) {
         return 0;
@@ -116,7 +129,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> i32 {
     let ev = event.fields();
     ev.cookie = cookie;
     ev.netns = netns;
-    ev.ret = in_call::sys_exit_ret(&ctx);
+    ev.ret = ret;
     sock.fill_tuple(protocol, ev);
     // A failed connect clears the destination (`tcp_v4_connect` error path):
     // keep what the caller asked for.
