@@ -26,13 +26,19 @@
 //! to a file.
 //! Peers that cannot be installed are reported as skipped, with the reason.
 //!
-//! Per workload and configuration, medians over rounds: throughput and its
-//! ratio to untraced; events delivered against connections made (port-trace:
-//! `alloc` records; tcplife and bpftrace: output lines); lost events
-//! (port-trace's summary); tracer CPU per event (utime + stime of the tracer
-//! process over the workload); peak RSS (`VmHWM`); BPF cost per connection
-//! (`kernel.bpf_stats_enabled=1`, `run_time_ns` of the programs the tracer
-//! holds, found through `/proc/<pid>/fdinfo`; the sysctl is restored).
+//! Each traced run is two loads under one tracer: the measured load, with
+//! `kernel.bpf_stats_enabled=0` as on production hosts (the accounting costs
+//! every program run two clock reads), then a short cost load (1 s; 3 s
+//! without `--quick`) with the sysctl at 1, for the BPF figures.
+//!
+//! Per workload and configuration, medians over rounds: throughput (the
+//! measured load) and its ratio to untraced; events delivered against
+//! connections made over both loads (port-trace: `alloc` records; tcplife
+//! and bpftrace: output lines); lost events (port-trace's summary); tracer
+//! CPU per event (utime + stime of the tracer process over both loads); peak
+//! RSS (`VmHWM`); BPF cost per connection of the cost load (`run_time_ns` of
+//! the programs the tracer holds, found through `/proc/<pid>/fdinfo`; the
+//! sysctl is restored on exit).
 //! A table on stdout, JSON in `target/bench/results.json` (or `--out`).
 //!
 //! Everything started is stopped and the namespace deleted on every exit
@@ -88,14 +94,15 @@ const LEGEND: [&str; 6] = [
     "RATIO: throughput / untraced throughput (medians over rounds).",
     "stalled: watch with its reader stopped (SIGSTOP) through the load, a 1 GiB ring; CPU counted while it \
      catches up afterwards.",
-    "EVENTS/CONNECTIONS: port-trace: `alloc` records (snapshot ones excluded); tcplife: lines (one per \
-     session, both ends of a loopback connection); bpftrace: lines (one per TCP state change).",
-    "CPU ns/ev: tracer utime + stime over the workload / records it wrote (port-trace: every record, \
+    "EVENTS/CONNECTIONS: over the measured load and the cost load; port-trace: `alloc` records (snapshot \
+     ones excluded); tcplife: lines (one per session, both ends of a loopback connection); bpftrace: lines \
+     (one per TCP state change).",
+    "CPU ns/ev: tracer utime + stime over both loads / records it wrote (port-trace: every record, \
      alloc, state, release...; peers: lines); CPU ns/conn: the same / CONNECTIONS. User space only: BPF \
      runs in the workload.",
     "PEAK RSS: the tracer's VmHWM.",
-    "BPF ns/conn: run_time_ns of the tracer's programs (kernel.bpf_stats_enabled; with port-trace's own \
-     TIME_WAIT walks) / CONNECTIONS.",
+    "BPF ns/conn: run_time_ns of the tracer's programs (with port-trace's own TIME_WAIT walks) / connections \
+     over the cost load, the only one with kernel.bpf_stats_enabled=1.",
 ];
 /// The bpftrace one-liner: one line per TCP state change.
 const BPFTRACE_PROGRAM: &str =
@@ -221,8 +228,10 @@ struct Sample {
     tracer_cpu_ns: Option<f64>,
     /// The tracer's peak RSS, KiB.
     peak_rss_kib: Option<f64>,
-    /// BPF run time of the tracer's programs over the workload, per program name: (ns, runs).
+    /// BPF run time of the tracer's programs over the cost load, per program name: (ns, runs).
     bpf: Option<BTreeMap<String, (f64, f64)>>,
+    /// Connections the cost load made.
+    bpf_connections: f64,
 }
 
 impl Sample {
@@ -242,7 +251,7 @@ impl Sample {
     }
 
     fn bpf_ns_per_connection(&self) -> Option<f64> {
-        self.bpf_total_ns().filter(|_| self.connections > 0.0).map(|ns| ns / self.connections)
+        self.bpf_total_ns().filter(|_| self.bpf_connections > 0.0).map(|ns| ns / self.bpf_connections)
     }
 }
 
@@ -253,6 +262,9 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let started = Instant::now();
     let seconds: u64 = if options.quick { 3 } else { 10 };
+    // The cost load after each measured one: per-run averages over tens of
+    // thousands of program runs settle within a second.
+    let cost_seconds: u64 = if options.quick { 1 } else { 3 };
     let rounds = options.rounds.unwrap_or(if options.quick { 1 } else { 3 }).max(1);
     let out = options.out.clone().unwrap_or_else(|| util::workspace_root().join("target/bench/results.json"));
 
@@ -314,7 +326,8 @@ pub fn run(options: &Options) -> Result<()> {
 
     let mut env = BenchEnv::new()?;
     if bpftool.is_ok() {
-        env.enable_bpf_stats()?;
+        // Saved for the restore; on only for the cost loads (see `run_one`).
+        env.save_bpf_stats()?;
     }
     if workloads.contains(&Workload::Wrk) {
         env.start_nginx(nginx.as_deref().unwrap_or("nginx"))?;
@@ -329,21 +342,11 @@ pub fn run(options: &Options) -> Result<()> {
             let start = (round as usize - 1) % configs.len();
             for &config in configs[start..].iter().chain(&configs[..start]) {
                 eprintln!("bench: round {round}/{rounds}: {} under {}", workload.name(), config.name());
-                let tracer_bin = match config {
-                    Config::PortTrace
-                    | Config::PortTraceUnbatched
-                    | Config::PortTraceRecord
-                    | Config::PortTraceStalled => port_trace.to_string_lossy().into_owned(),
-                    Config::PortTraceBaseline | Config::PortTraceBaselineStalled => {
-                        options.baseline.as_deref().unwrap_or(Path::new("")).to_string_lossy().into_owned()
-                    }
-                    Config::Tcplife => tcplife.clone().unwrap_or_default(),
-                    Config::Bpftrace => bpftrace.clone().unwrap_or_default(),
-                    Config::Untraced => String::new(),
-                };
+                let tracer_bin = tracer_binary(config, &port_trace, options, &tcplife, &bpftrace);
                 let generator =
                     Generator { workload, seconds, wrk: wrk.as_deref().unwrap_or("wrk"), storm: &storm, ns: &env.ns };
-                match run_one(&env, config, &tracer_bin, &generator, bpftool.is_ok(), round) {
+                let cost_seconds = bpftool.is_ok().then_some(cost_seconds);
+                match run_one(&env, config, &tracer_bin, &generator, cost_seconds, round) {
                     Ok(sample) => samples.entry((workload, config)).or_default().push(sample),
                     Err(e) => {
                         let msg = format!("round {round}: {} under {}: {e:#}", workload.name(), config.name());
@@ -372,7 +375,7 @@ pub fn run(options: &Options) -> Result<()> {
     for failure in &failures {
         println!("failed: {failure}");
     }
-    let json = results_json(seconds, rounds, &workloads, &samples, &skipped, &notes, &failures);
+    let json = results_json(seconds, cost_seconds, rounds, &workloads, &samples, &skipped, &notes, &failures);
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -382,6 +385,27 @@ pub fn run(options: &Options) -> Result<()> {
         bail!("no run succeeded");
     }
     Ok(())
+}
+
+/// The program a configuration runs (empty for untraced).
+fn tracer_binary(
+    config: Config,
+    port_trace: &Path,
+    options: &Options,
+    tcplife: &Result<String, String>,
+    bpftrace: &Result<String, String>,
+) -> String {
+    match config {
+        Config::PortTrace | Config::PortTraceUnbatched | Config::PortTraceRecord | Config::PortTraceStalled => {
+            port_trace.to_string_lossy().into_owned()
+        }
+        Config::PortTraceBaseline | Config::PortTraceBaselineStalled => {
+            options.baseline.as_deref().unwrap_or(Path::new("")).to_string_lossy().into_owned()
+        }
+        Config::Tcplife => tcplife.clone().unwrap_or_default(),
+        Config::Bpftrace => bpftrace.clone().unwrap_or_default(),
+        Config::Untraced => String::new(),
+    }
 }
 
 /// Finds a tool (a name on `PATH` or an absolute path); when missing,
@@ -480,10 +504,9 @@ impl BenchEnv {
         let _ = fs::write(path, pids);
     }
 
-    /// Turns on BPF run-time accounting (restored on drop).
-    fn enable_bpf_stats(&mut self) -> Result<()> {
+    /// Remembers `kernel.bpf_stats_enabled` to restore it on drop.
+    fn save_bpf_stats(&mut self) -> Result<()> {
         let old = util::output(Command::new("sysctl").args(["-n", BPF_STATS]))?.trim().to_owned();
-        util::output(Command::new("sysctl").args(["-qw", &format!("{BPF_STATS}=1")]))?;
         self.bpf_stats_old = Some(old);
         Ok(())
     }
@@ -700,6 +723,7 @@ fn with_tracefs(argv: &[&str]) -> Command {
 }
 
 /// What drives the load.
+#[derive(Clone, Copy)]
 struct Generator<'a> {
     workload: Workload,
     seconds: u64,
@@ -776,7 +800,7 @@ fn run_one(
     config: Config,
     tracer_bin: &str,
     generator: &Generator,
-    bpf_stats: bool,
+    cost_seconds: Option<u64>,
     round: u32,
 ) -> Result<Sample> {
     if config == Config::Untraced {
@@ -792,12 +816,36 @@ fn run_one(
     let mut tracer = Tracer::start(env, config, tracer_bin, &tag)?;
     let pid = tracer.pid();
     let ids = prog_ids(pid);
-    let bpf_before = if bpf_stats { Some(prog_stats(&ids)?) } else { None };
     let cpu_before = cpu_ticks(pid)?;
     if config.is_stalled() {
         send(pid, "-STOP");
     }
     let load = generator.run()?;
+    // The cost load: the same tracer, right after, with BPF run-time
+    // accounting on for it alone (it costs every program run two clock
+    // reads in `__bpf_prog_run`: left on through the measured load, it
+    // would slow every tracer's throughput too, 2-3 points of the wrk ratio
+    // here, where production hosts run with it off).
+    let (bpf, cost_connections) = match cost_seconds {
+        Some(seconds) => {
+            set_bpf_stats(true)?;
+            let cost = prog_stats(&ids).and_then(|before| {
+                let load = Generator { seconds, ..*generator }.run()?;
+                Ok((before, prog_stats(&ids)?, load.connections))
+            });
+            set_bpf_stats(false)?;
+            let (before, after, connections) = cost?;
+            let mut per_name: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+            for (id, (name, ns, cnt)) in after {
+                let (ns0, cnt0) = before.get(&id).map(|(_, ns, cnt)| (*ns, *cnt)).unwrap_or((0.0, 0.0));
+                let entry = per_name.entry(name).or_default();
+                entry.0 += ns - ns0;
+                entry.1 += cnt - cnt0;
+            }
+            (Some(per_name), connections)
+        }
+        None => (None, 0.0),
+    };
     if config.is_stalled() {
         send(pid, "-CONT");
         wait_quiet(&tracer.out, Duration::from_secs(30));
@@ -806,20 +854,6 @@ fn run_one(
     thread::sleep(Duration::from_secs(1));
     let cpu_after = cpu_ticks(pid)?;
     let peak_rss_kib = status_field(pid, "VmHWM:");
-    let bpf = match bpf_before {
-        Some(before) => {
-            let after = prog_stats(&ids)?;
-            let mut per_name: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-            for (id, (name, ns, cnt)) in after {
-                let (ns0, cnt0) = before.get(&id).map(|(_, ns, cnt)| (*ns, *cnt)).unwrap_or((0.0, 0.0));
-                let entry = per_name.entry(name).or_default();
-                entry.0 += ns - ns0;
-                entry.1 += cnt - cnt0;
-            }
-            Some(per_name)
-        }
-        None => None,
-    };
     stop(&mut tracer.child, "-INT", Duration::from_secs(10));
     let output = fs::read_to_string(&tracer.out).with_context(|| format!("cannot read {}", tracer.out.display()))?;
     let (events, records, lost) = match config {
@@ -865,7 +899,8 @@ fn run_one(
     let ns_per_tick = 1e9 / clk_tck();
     Ok(Sample {
         throughput: load.throughput,
-        connections: load.connections,
+        // The tracer saw both loads: events, records and CPU cover both.
+        connections: load.connections + cost_connections,
         errors: load.errors,
         events: Some(events),
         records: Some(records),
@@ -873,7 +908,15 @@ fn run_one(
         tracer_cpu_ns: Some((cpu_after - cpu_before) * ns_per_tick),
         peak_rss_kib,
         bpf,
+        bpf_connections: cost_connections,
     })
+}
+
+/// Turns `kernel.bpf_stats_enabled` on or off (`BenchEnv` restores the
+/// value it found).
+fn set_bpf_stats(on: bool) -> Result<()> {
+    util::output(Command::new("sysctl").args(["-qw", &format!("{BPF_STATS}={}", u8::from(on))]))?;
+    Ok(())
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 when that fails).
@@ -1063,8 +1106,10 @@ fn render_table(
 }
 
 /// The JSON results document.
+#[allow(clippy::too_many_arguments)]
 fn results_json(
     seconds: u64,
+    cost_seconds: u64,
     rounds: u32,
     workloads: &[Workload],
     samples: &BTreeMap<(Workload, Config), Vec<Sample>>,
@@ -1117,6 +1162,7 @@ fn results_json(
     let strings = |v: &[String]| Json::Arr(v.iter().cloned().map(Json::Str).collect());
     Json::Obj(vec![
         ("seconds_per_run".into(), Json::Num(seconds as f64)),
+        ("seconds_per_cost_load".into(), Json::Num(cost_seconds as f64)),
         ("rounds".into(), Json::Num(rounds as f64)),
         ("results".into(), Json::Arr(results)),
         ("skipped".into(), Json::Obj(skipped.iter().map(|(k, v)| (k.clone(), Json::Str(v.clone()))).collect())),
