@@ -455,18 +455,18 @@ impl Live {
     /// (a 1 GiB ring holds 7 million events), which a bounded drain used
     /// to leave behind unreported. The programs stay attached until exit:
     /// the first record stamped after `stop_ns`, taken in like the others
-    /// (reading consumes it), ends the drain; the last repair walk reads on
-    /// from there.
+    /// (reading consumes it; once only counting, it is not counted), ends
+    /// the drain; the last repair walk reads on from there.
     fn drain_at_exit<F: Frontend>(&mut self, frontend: &mut F, stop_ns: u64) -> io::Result<u64> {
         if self.catch_up(frontend, stop_ns, FINAL_DRAIN_FOR)? {
             return Ok(0);
         }
         let mut unread = 0u64;
         while let Some(item) = self.ring.get_mut().next() {
-            unread += 1;
             if crate::decode::timestamp(&item) > Some(stop_ns) {
-                break;
+                break; // not the trace's: not a loss either
             }
+            unread += 1;
         }
         Ok(unread)
     }
@@ -480,11 +480,15 @@ impl Live {
     /// during a trace, this walk at its end; its release is `reconciled`.
     /// TCP needs none: its releases come from state tracepoints, and the
     /// TIME_WAIT walks run every second where TIME_WAIT ends are not seen.
+    /// The deadline is past by now: it no longer cuts the walk short; its
+    /// reads of the ring are bounded by [`EXIT_CATCH_UP_FOR`] instead.
     fn final_repair<F: Frontend>(&mut self, frontend: &mut F, adopt: bool) -> io::Result<()> {
         let namespaces = self.pipeline.tracker.namespaces();
         if namespaces.is_empty() {
             return Ok(());
         }
+        self.deadline = None;
+        self.catch_up_for = EXIT_CATCH_UP_FOR;
         let protos: &[Proto] = if adopt { &[Proto::Tcp, Proto::Udp] } else { &[Proto::Udp] };
         self.walk(frontend, Some(&namespaces), protos, adopt, adopt)?;
         Ok(())
@@ -872,12 +876,8 @@ impl Live {
         let unread = self.drain_at_exit(frontend, BootClock::boot_now_ns())?;
         // A last repair, so that the summary's ports in use are the kernel's,
         // once the tracker holds everything up to the stop (a reader still
-        // behind after the exit drain reports the rest as lost instead). The
-        // deadline is past: it no longer cuts walks short; their reads of
-        // the ring are bounded by `EXIT_CATCH_UP_FOR` instead.
+        // behind after the exit drain reports the rest as lost instead).
         if unread == 0 {
-            self.deadline = None;
-            self.catch_up_for = EXIT_CATCH_UP_FOR;
             let unrepaired_loss = self.loss.events > lost_at_reconcile;
             self.final_repair(frontend, unrepaired_loss)?;
         }
