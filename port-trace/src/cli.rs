@@ -147,6 +147,16 @@ pub enum BackendArg {
     Portable,
 }
 
+/// The reader's CPU priority (`--reader-priority`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReaderPriorityArg {
+    /// Nice 19 while the ring buffer has room; the starting priority while
+    /// a quarter of it waits.
+    Low,
+    /// The starting priority throughout.
+    Normal,
+}
+
 /// Which sockets to show: the selection options shared by the tracing
 /// commands and `report`.
 #[derive(Clone, Debug, Default, Args)]
@@ -230,6 +240,12 @@ pub struct TraceArgs {
     /// events in bursts.
     #[arg(long, value_name = "KIB", default_value = "4096", value_parser = ring_kib)]
     pub ring_buffer_kib: u32,
+    /// The reader's CPU priority: `low` runs it at nice 19 while the ring
+    /// buffer has room, so that it takes idle CPU rather than the traced
+    /// workload's, and gives it back its starting priority while a quarter
+    /// of the ring waits; `normal` keeps the starting priority throughout.
+    #[arg(long, value_enum, value_name = "low|normal", default_value = "low")]
+    pub reader_priority: ReaderPriorityArg,
     /// Serve OpenMetrics at http://ADDR/metrics: PORT, :PORT or HOST:PORT
     /// (127.0.0.1 unless a host is named).
     #[arg(long, value_name = "ADDR", value_parser = metrics_addr)]

@@ -25,6 +25,7 @@ pub mod owner;
 pub mod pipeline;
 pub mod pressure;
 pub mod privileges;
+pub mod reader_priority;
 pub mod record;
 pub mod recording;
 pub mod report;

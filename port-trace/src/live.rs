@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::analysis::{Analysis, Derived};
-use crate::cli::{BackendArg, TraceArgs};
+use crate::cli::{BackendArg, ReaderPriorityArg, TraceArgs};
 use crate::clock::BootClock;
 use crate::filter::Filter;
 use crate::kernel;
@@ -21,6 +22,7 @@ use crate::model::Proto;
 use crate::output::{Counts, Header, Summary};
 use crate::pipeline::{Pipeline, RecordSink};
 use crate::privileges;
+use crate::reader_priority::{PriorityWatch, ReaderPriority};
 use crate::record::PortRecord;
 use crate::system;
 use crate::tracker::{Keying, Tracker, WalkStart};
@@ -245,6 +247,8 @@ impl Plan {
                 refreshes: 0,
                 deadline: None,
                 lost_repaired: 0,
+                low_priority_ring: (trace.reader_priority == ReaderPriorityArg::Low).then_some(u64::from(ring_bytes)),
+                reader_priority: None,
             },
         })
     }
@@ -382,6 +386,10 @@ struct Live {
     deadline: Option<std::time::Instant>,
     /// Events lost as of the last repair walk.
     lost_repaired: u64,
+    /// With `--reader-priority low`, the ring's size in bytes.
+    low_priority_ring: Option<u64>,
+    /// What the reader's priority did, when it was lowered.
+    reader_priority: Option<ReaderPriority>,
 }
 
 /// Most events one synchronous drain handles (before and after a walk).
@@ -781,6 +789,15 @@ impl Live {
             return Ok(());
         }
 
+        // From here on this thread is the reader: at low priority while
+        // the ring has room (see `reader_priority`).
+        let mut priority_watch = match self.low_priority_ring {
+            Some(ring_bytes) => PriorityWatch::start(self.ring.get_ref().as_fd(), ring_bytes).unwrap_or_else(|e| {
+                eprintln!("port-trace: warning: the reader keeps its priority: {e:#}");
+                None
+            }),
+            None => None,
+        };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The programs wake this loop only when much waits (see
@@ -872,6 +889,9 @@ impl Live {
                 _ = &mut deadline => break,
             }
         }
+        // The drain at exit runs at the starting priority: someone waits.
+        self.reader_priority = priority_watch.as_mut().and_then(PriorityWatch::finish);
+        drop(priority_watch);
         // What the kernel wrote before we stopped.
         let unread = self.drain_at_exit(frontend, BootClock::boot_now_ns())?;
         // A last repair, so that the summary's ports in use are the kernel's,
@@ -908,6 +928,7 @@ impl Live {
             allocations_per_s: per_s(pipeline.counts.alloc),
             releases_per_s: per_s(pipeline.counts.release),
             analysis: self.analysis.summary(),
+            reader_priority: self.reader_priority.clone(),
         }
     }
 }

@@ -119,6 +119,9 @@ pub struct Summary {
     /// Churn, pressure and listeners.
     #[serde(flatten)]
     pub analysis: crate::analysis::AnalysisSummary,
+    /// The reader's CPU priority over the run (`--reader-priority low`);
+    /// null when it was not lowered.
+    pub reader_priority: Option<crate::reader_priority::ReaderPriority>,
 }
 
 /// Records written per type.
@@ -669,6 +672,12 @@ pub fn summary_text(s: &Summary) -> String {
     }
     if s.evicted > 0 {
         text.push_str(&format!("; {} sockets dropped from tracking (--max-tracked)", s.evicted));
+    }
+    if let Some(p) = s.reader_priority.as_ref().filter(|p| p.raised > 0) {
+        text.push_str(&format!(
+            "; the backlog raised the reader from nice {} to {} {} times ({:.1}s in all)",
+            p.low_nice, p.normal_nice, p.raised, p.raised_s
+        ));
     }
     text
 }

@@ -4,6 +4,7 @@
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_NICE: u32 = 23;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -44,6 +45,11 @@ pub fn missing_capabilities() -> Vec<&'static str> {
         missing.push("CAP_NET_ADMIN");
     }
     missing
+}
+
+/// Whether this process may raise a thread's priority (`CAP_SYS_NICE`).
+pub fn has_sys_nice() -> bool {
+    effective_caps().is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
 }
 
 /// The one line for a user who lacks capabilities.
