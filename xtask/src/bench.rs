@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: port-trace side by side with its peers, on the same
 //! workloads, in a private network namespace (`ip netns add pt-bench-<pid>`).
 //!
-//! Workloads, each for a fixed time per round (10 s; `--quick`: 3 s):
+//! Workloads, each for a fixed time per round (10 s; `--quick`: 2 s):
 //!
 //! - `wrk`: nginx (one worker, `127.0.0.1:8080`, a tiny static body, no
 //!   access log) driven by `wrk -H 'Connection: close'`, a new connection per
@@ -18,7 +18,8 @@
 //! batching and state filtering buy; `port-trace record`; `watch` stalled
 //! (`port-trace stalled`, and `baseline stalled` with `--baseline`): its
 //! reader stopped (SIGSTOP) for the whole load and resumed after it, with a
-//! 1 GiB ring buffer that holds what the programs write meanwhile, to
+//! 1 GiB ring buffer (256 MiB with `--quick`, quicker to set up) that holds
+//! what the programs write meanwhile, to
 //! measure the programs alone and what a reader that falls behind costs
 //! the traced host;
 //! libbpf-tools `tcplife` (under `stdbuf -oL`) to a file; a bpftrace
@@ -63,7 +64,7 @@ use crate::{build, setup, util};
 /// Options of `cargo xtask bench`.
 #[derive(Args)]
 pub struct Options {
-    /// Short rounds (3 s) and, unless `--rounds` says otherwise, one round: under 2 minutes.
+    /// Short rounds (2 s) and, unless `--rounds` says otherwise, one round: under 2 minutes.
     #[arg(long)]
     quick: bool,
     /// Rounds per configuration (medians are taken over them); default 3, `--quick` 1.
@@ -92,7 +93,7 @@ const MOUNT_TRACEFS: &str =
 /// What the table's columns mean, printed under it.
 const LEGEND: [&str; 6] = [
     "RATIO: throughput / untraced throughput (medians over rounds).",
-    "stalled: watch with its reader stopped (SIGSTOP) through the load, a 1 GiB ring; CPU counted while it \
+    "stalled: watch with its reader stopped (SIGSTOP) through the load, a 1 GiB ring (256 MiB with --quick); CPU counted while it \
      catches up afterwards.",
     "EVENTS/CONNECTIONS: over the measured load and the cost load; port-trace: `alloc` records (snapshot \
      ones excluded); tcplife: lines (one per session, both ends of a loopback connection); bpftrace: lines \
@@ -261,7 +262,9 @@ pub fn run(options: &Options) -> Result<()> {
         bail!("bench loads BPF programs and creates a network namespace: run it as root");
     }
     let started = Instant::now();
-    let seconds: u64 = if options.quick { 3 } else { 10 };
+    // `--quick` aims at under 2 minutes: 18 traced runs, each with its
+    // tracer's start-up, two loads and a drain.
+    let seconds: u64 = if options.quick { 2 } else { 10 };
     // The cost load after each measured one: per-run averages over tens of
     // thousands of program runs settle within a second.
     let cost_seconds: u64 = if options.quick { 1 } else { 3 };
@@ -325,6 +328,9 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     let mut env = BenchEnv::new()?;
+    if options.quick {
+        env.stalled_ring_kib = QUICK_STALLED_RING_KIB;
+    }
     if bpftool.is_ok() {
         // Saved for the restore; on only for the cost loads (see `run_one`).
         env.save_bpf_stats()?;
@@ -455,6 +461,8 @@ struct BenchEnv {
     nginx: Option<Child>,
     bpf_stats_old: Option<String>,
     watchdog: Option<Child>,
+    /// `--ring-buffer-kib` of the stalled configurations.
+    stalled_ring_kib: &'static str,
 }
 
 impl BenchEnv {
@@ -465,7 +473,8 @@ impl BenchEnv {
         let dir = std::env::temp_dir().join(format!("pt-bench-{pid}"));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let bpf_stats_old = util::output(Command::new("sysctl").args(["-n", BPF_STATS])).ok();
-        let mut env = BenchEnv { ns, dir, nginx: None, bpf_stats_old: None, watchdog: None };
+        let mut env =
+            BenchEnv { ns, dir, nginx: None, bpf_stats_old: None, watchdog: None, stalled_ring_kib: STALLED_RING_KIB };
         env.spawn_watchdog(pid, bpf_stats_old.as_deref().map(str::trim))?;
         util::run(Command::new("ip").args(["netns", "add", &env.ns]))?;
         util::run(Command::new("ip").args(["netns", "exec", &env.ns, "ip", "link", "set", "lo", "up"]))?;
@@ -622,8 +631,13 @@ fn wait_quiet(file: &Path, limit: Duration) {
 }
 
 /// The stalled configurations' ring buffer: room for what the programs
-/// write during a 10 s round of the UDP storm (about 400 MB).
+/// write during a 10 s round of the UDP storm and its cost load (about
+/// 400 MB).
 const STALLED_RING_KIB: &str = "1048576";
+
+/// The same for `--quick`'s 2 s rounds (about 110 MB): a 1 GiB ring takes
+/// 4-6 s to set up, three times a run.
+const QUICK_STALLED_RING_KIB: &str = "262144";
 
 /// A running tracer, killed on drop.
 struct Tracer {
@@ -659,7 +673,7 @@ impl Tracer {
             }
             Config::PortTraceStalled | Config::PortTraceBaselineStalled => {
                 let mut cmd = Command::new(bin);
-                cmd.args(["watch", "--format", "json", "--netns", &netns, "--ring-buffer-kib", STALLED_RING_KIB]);
+                cmd.args(["watch", "--format", "json", "--netns", &netns, "--ring-buffer-kib", env.stalled_ring_kib]);
                 cmd.args(["--force", "--output"]).arg(&out);
                 cmd
             }
