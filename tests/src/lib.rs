@@ -85,6 +85,16 @@ pub fn tracer_extra_args() -> Vec<OsString> {
     std::env::var("PORT_TRACE_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(OsString::from).collect()
 }
 
+/// `watch --format json --netns PATH` plus `more` and
+/// [`tracer_extra_args`], as arguments.
+pub fn watch_json_args(ns: &NetNs, more: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["watch".into(), "--format".into(), "json".into(), "--netns".into()];
+    args.push(ns.path().into());
+    args.extend(more.iter().map(OsString::from));
+    args.extend(tracer_extra_args());
+    args
+}
+
 /// Whether a test that needs root may run.
 ///
 /// As root: true. Otherwise the test fails, because a test that reports

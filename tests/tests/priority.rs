@@ -11,7 +11,6 @@
 //! A test file of its own: its busy threads would slow the tests of a
 //! shared binary, which run in parallel. Needs root; host only.
 
-use std::ffi::OsString;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 use port_trace_integration::netns::NetNs;
 use port_trace_integration::tracer::Tracer;
 use port_trace_integration::{
-    output_with_timeout, require_root, tracer_bin, tracer_extra_args, HEADER_TIMEOUT, STOP_TIMEOUT,
+    output_with_timeout, require_root, tracer_bin, watch_json_args, HEADER_TIMEOUT, STOP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -34,14 +33,6 @@ const SETTLE: Duration = Duration::from_secs(6);
 
 /// The nice value of the reader while the ring has room.
 const LOW_NICE: i32 = 19;
-
-fn watch_args(ns: &NetNs, more: &[&str]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["watch".into(), "--format".into(), "json".into(), "--netns".into()];
-    args.push(ns.path().into());
-    args.extend(more.iter().map(OsString::from));
-    args.extend(tracer_extra_args());
-    args
-}
 
 /// A thread's name and nice value as the kernel shows them; `None` once
 /// it is gone.
@@ -164,7 +155,7 @@ fn reader_runs_low_and_takes_its_priority_back_under_load() {
     let start_nice = own_nice();
     assert!(start_nice < LOW_NICE, "the test runs at nice {start_nice}: nothing to lower");
     let ns = NetNs::new().unwrap();
-    let tracer = Tracer::start(&tracer_bin(), &watch_args(&ns, &[]), HEADER_TIMEOUT).unwrap();
+    let tracer = Tracer::start(&tracer_bin(), &watch_json_args(&ns, &[]), HEADER_TIMEOUT).unwrap();
     let pid = tracer.pid();
     let mut bad = Vec::new();
 
@@ -246,7 +237,7 @@ fn normal_reader_priority_keeps_the_starting_one() {
     let start_nice = own_nice();
     let ns = NetNs::new().unwrap();
     let tracer =
-        Tracer::start(&tracer_bin(), &watch_args(&ns, &["--reader-priority", "normal"]), HEADER_TIMEOUT).unwrap();
+        Tracer::start(&tracer_bin(), &watch_json_args(&ns, &["--reader-priority", "normal"]), HEADER_TIMEOUT).unwrap();
     let pid = tracer.pid();
     // As long as the other test gives the low reader to settle.
     std::thread::sleep(Duration::from_secs(2));

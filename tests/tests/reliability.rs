@@ -29,8 +29,8 @@ use port_trace_integration::netns::NetNs;
 use port_trace_integration::procnet;
 use port_trace_integration::tracer::Tracer;
 use port_trace_integration::{
-    check, output_with_timeout, require_root, signal, stdout_lines, tracer_bin, tracer_extra_args, Capture,
-    HEADER_TIMEOUT, STOP_TIMEOUT,
+    check, output_with_timeout, require_root, signal, stdout_lines, tracer_bin, tracer_extra_args, watch_json_args,
+    Capture, HEADER_TIMEOUT, STOP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -69,16 +69,6 @@ fn text(b: &[u8]) -> String {
 /// The non-empty lines of `s`.
 fn lines(s: &str) -> Vec<&str> {
     s.lines().filter(|l| !l.trim().is_empty()).collect()
-}
-
-/// `watch --format json --netns PATH` plus `more` and
-/// [`tracer_extra_args`], as arguments.
-fn watch_args(ns: &NetNs, more: &[&str]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["watch".into(), "--format".into(), "json".into(), "--netns".into()];
-    args.push(ns.path().into());
-    args.extend(more.iter().map(OsString::from));
-    args.extend(tracer_extra_args());
-    args
 }
 
 /// Waits up to `timeout` for `child` to exit.
@@ -368,7 +358,7 @@ fn closed_stdout_ends_the_tracer_quietly() {
     }
     let ns = NetNs::new().unwrap();
     let mut child = Command::new(tracer_bin())
-        .args(watch_args(&ns, &[]))
+        .args(watch_json_args(&ns, &[]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -518,7 +508,7 @@ fn kill_9_leaves_nothing_in_the_kernel() {
     }
     let ns = NetNs::new().unwrap();
     let mount = cgroup2_mount();
-    let tracer = Tracer::start(&tracer_bin(), &watch_args(&ns, &[]), HEADER_TIMEOUT).unwrap();
+    let tracer = Tracer::start(&tracer_bin(), &watch_json_args(&ns, &[]), HEADER_TIMEOUT).unwrap();
     let pid = tracer.pid();
     let held = bpf_held(pid);
     let (progs, links, maps) = (bpftool_ids("prog"), bpftool_ids("link"), bpftool_ids("map"));
@@ -795,7 +785,7 @@ fn soak_a_million_udp_lifecycles() {
         return;
     }
     let ns = NetNs::new().unwrap();
-    let tracer = CountedTracer::start(&watch_args(&ns, &["--ring-buffer-kib", BIG_RING_KIB]));
+    let tracer = CountedTracer::start(&watch_json_args(&ns, &["--ring-buffer-kib", BIG_RING_KIB]));
     let pid = tracer.pid();
     let memory = MemorySampler::start(pid);
 
@@ -899,7 +889,7 @@ fn backlog_at_exit_is_printed_or_counted() {
         return;
     }
     let ns = NetNs::new().unwrap();
-    let tracer = CountedTracer::start(&watch_args(&ns, &["--ring-buffer-kib", "262144"]));
+    let tracer = CountedTracer::start(&watch_json_args(&ns, &["--ring-buffer-kib", "262144"]));
     let pid = tracer.pid();
     signal(pid, libc::SIGSTOP);
     let done = churn_cycles(&ns, BACKLOG_LIFECYCLES, 60);
@@ -1017,7 +1007,7 @@ fn holding_20000_sockets_with_max_tracked_4096_evicts() {
     let max = HOLD_MAX_TRACKED.to_string();
     let mut tracer = Tracer::start(
         &tracer_bin(),
-        &watch_args(&ns, &["--max-tracked", &max, "--ring-buffer-kib", BIG_RING_KIB]),
+        &watch_json_args(&ns, &["--max-tracked", &max, "--ring-buffer-kib", BIG_RING_KIB]),
         HEADER_TIMEOUT,
     )
     .unwrap();
@@ -1292,7 +1282,7 @@ fn duration_ends_on_time() {
     let run = |secs: u64| -> Option<String> {
         let d = Duration::from_secs(secs);
         let tracer =
-            Tracer::start(&tracer_bin(), &watch_args(&ns, &["-d", &format!("{secs}s")]), HEADER_TIMEOUT).unwrap();
+            Tracer::start(&tracer_bin(), &watch_json_args(&ns, &["-d", &format!("{secs}s")]), HEADER_TIMEOUT).unwrap();
         let header_at = Instant::now();
         let out = tracer.wait(d + Duration::from_secs(10)).unwrap();
         let after_header = header_at.elapsed();
@@ -1336,7 +1326,7 @@ fn duration_ends_on_time_under_a_flood_of_events() {
     let ns = NetNs::new().unwrap();
     let d = Duration::from_secs(3);
     let bound = d + Duration::from_secs(2);
-    let mut tracer = CountedTracer::start(&watch_args(&ns, &["-d", "3s"]));
+    let mut tracer = CountedTracer::start(&watch_json_args(&ns, &["-d", "3s"]));
     let header_at = Instant::now();
     let mut churn = ns
         .command(CHURN)
