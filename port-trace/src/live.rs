@@ -791,7 +791,7 @@ impl Live {
 
         // From here on this thread is the reader: at low priority while
         // the ring has room (see `reader_priority`).
-        let mut priority_watch = match self.low_priority_ring {
+        let priority_watch = match self.low_priority_ring {
             Some(ring_bytes) => PriorityWatch::start(self.ring.get_ref().as_fd(), ring_bytes).unwrap_or_else(|e| {
                 eprintln!("port-trace: warning: the reader keeps its priority: {e:#}");
                 None
@@ -890,8 +890,7 @@ impl Live {
             }
         }
         // The drain at exit runs at the starting priority: someone waits.
-        self.reader_priority = priority_watch.as_mut().and_then(PriorityWatch::finish);
-        drop(priority_watch);
+        self.reader_priority = priority_watch.and_then(PriorityWatch::finish);
         // What the kernel wrote before we stopped.
         let unread = self.drain_at_exit(frontend, BootClock::boot_now_ns())?;
         // A last repair, so that the summary's ports in use are the kernel's,

@@ -102,11 +102,6 @@ impl Governor {
         }
     }
 
-    /// Whether the reader holds its starting priority now.
-    pub fn raised(&self) -> bool {
-        self.raised_since.is_some()
-    }
-
     /// Times raised so far, and for how long in all (up to `now`).
     pub fn totals(&self, now: Instant) -> (u64, Duration) {
         let open = self.raised_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
@@ -176,7 +171,7 @@ impl Drop for RingPositions {
 }
 
 /// This thread's id.
-pub fn current_tid() -> libc::pid_t {
+fn current_tid() -> libc::pid_t {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() }
 }
@@ -229,7 +224,6 @@ pub struct PriorityWatch {
     thread: Option<JoinHandle<Governor>>,
     reader: libc::pid_t,
     normal_nice: i32,
-    totals: Option<ReaderPriority>,
 }
 
 impl PriorityWatch {
@@ -255,40 +249,42 @@ impl PriorityWatch {
                 move || watch(&positions, ring_bytes, reader, normal_nice, &stop)
             })
             .context("starting the reader-priority thread")?;
-        let mut started = PriorityWatch { stop, thread: Some(thread), reader, normal_nice, totals: None };
+        let started = PriorityWatch { stop, thread: Some(thread), reader, normal_nice };
         if let Err(e) = set_nice(reader, LOW_NICE) {
-            started.finish();
-            bail!("lowering the reader's priority: {e}");
+            bail!("lowering the reader's priority: {e}"); // dropping `started` stops the thread
         }
         Ok(Some(started))
     }
 
     /// Stops watching, gives the reader its starting priority back (for
     /// the drain at exit) and returns what happened over the run.
-    pub fn finish(&mut self) -> Option<ReaderPriority> {
-        if let Some(thread) = self.thread.take() {
-            self.stop.store(true, Ordering::Relaxed);
-            let governor = thread.join().ok();
-            // The watch thread may have raised it already; setting it again
-            // is harmless.
-            let _ = set_nice(self.reader, self.normal_nice);
-            if let Some(governor) = governor {
-                let (raised, raised_for) = governor.totals(Instant::now());
-                self.totals = Some(ReaderPriority {
-                    low_nice: LOW_NICE,
-                    normal_nice: self.normal_nice,
-                    raised,
-                    raised_s: raised_for.as_secs_f64(),
-                });
-            }
-        }
-        self.totals.clone()
+    pub fn finish(mut self) -> Option<ReaderPriority> {
+        let governor = self.stop_and_restore()?;
+        let (raised, raised_for) = governor.totals(Instant::now());
+        Some(ReaderPriority {
+            low_nice: LOW_NICE,
+            normal_nice: self.normal_nice,
+            raised,
+            raised_s: raised_for.as_secs_f64(),
+        })
+    }
+
+    /// Stops the watch thread (once) and sets the reader's starting nice
+    /// value again (the watch thread may have done so already: harmless).
+    fn stop_and_restore(&mut self) -> Option<Governor> {
+        let thread = self.thread.take()?;
+        self.stop.store(true, Ordering::Relaxed);
+        let governor = thread.join().ok();
+        let _ = set_nice(self.reader, self.normal_nice);
+        governor
     }
 }
 
 impl Drop for PriorityWatch {
+    /// An early return from the trace loop (an error) still gives the
+    /// reader its priority back.
     fn drop(&mut self) {
-        self.finish();
+        self.stop_and_restore();
     }
 }
 
@@ -325,9 +321,7 @@ mod tests {
         let mut g = Governor::new(RING);
         assert_eq!(g.sample(0, t0), None);
         assert_eq!(g.sample(RING / 4 - 1, at(t0, 20)), None);
-        assert!(!g.raised());
         assert_eq!(g.sample(RING / 4, at(t0, 40)), Some(Change::Raise));
-        assert!(g.raised());
         // Raised once, not again while the backlog stays.
         assert_eq!(g.sample(RING, at(t0, 60)), None);
         assert_eq!(g.totals(at(t0, 60)).0, 1);
@@ -346,7 +340,6 @@ mod tests {
         assert_eq!(g.sample(0, at(t0, 1020)), None);
         assert_eq!(g.sample(0, at(t0, 2000)), None);
         assert_eq!(g.sample(0, at(t0, 2020)), Some(Change::Lower));
-        assert!(!g.raised());
         assert_eq!(g.totals(at(t0, 5000)), (1, Duration::from_millis(2020)));
     }
 

@@ -34,15 +34,20 @@ const SETTLE: Duration = Duration::from_secs(6);
 /// The nice value of the reader while the ring has room.
 const LOW_NICE: i32 = 19;
 
-/// A thread's name and nice value as the kernel shows them; `None` once
-/// it is gone.
-fn task_nice(pid: u32, tid: u32) -> Option<(String, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+/// A thread's name and nice value as the kernel shows them in its `stat`
+/// file; `None` once it is gone.
+fn stat_nice(path: &str) -> Option<(String, i32)> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // `pid (comm) state ...`: comm may hold spaces; field 19 is nice.
     let (head, rest) = stat.rsplit_once(')')?;
     let comm = head.split_once('(')?.1.to_string();
     let nice = rest.split_whitespace().nth(19 - 3)?.parse().ok()?;
     Some((comm, nice))
+}
+
+/// Thread `tid` of process `pid`: see [`stat_nice`].
+fn task_nice(pid: u32, tid: u32) -> Option<(String, i32)> {
+    stat_nice(&format!("/proc/{pid}/task/{tid}/stat"))
 }
 
 /// Every thread of `pid`: (tid, name, nice).
@@ -53,11 +58,9 @@ fn threads(pid: u32) -> Vec<(u32, String, i32)> {
         .collect()
 }
 
-/// This thread's nice value (what the tracer inherits).
+/// This thread's nice value, which the tracer it spawns inherits.
 fn own_nice() -> i32 {
-    // SAFETY: getpriority has no preconditions; -1 is a valid answer here
-    // only for a process started at nice -1, which the check below shows.
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    stat_nice("/proc/thread-self/stat").expect("/proc/thread-self/stat").1
 }
 
 /// Polls the reader's (the main thread's) nice value until `want` or

@@ -327,10 +327,7 @@ pub fn run(options: &Options) -> Result<()> {
         notes.push(format!("BPF cost not measured: {e}"));
     }
 
-    let mut env = BenchEnv::new()?;
-    if options.quick {
-        env.stalled_ring_kib = QUICK_STALLED_RING_KIB;
-    }
+    let mut env = BenchEnv::new(if options.quick { QUICK_STALLED_RING_KIB } else { STALLED_RING_KIB })?;
     if bpftool.is_ok() {
         // Saved for the restore; on only for the cost loads (see `run_one`).
         env.save_bpf_stats()?;
@@ -466,15 +463,15 @@ struct BenchEnv {
 }
 
 impl BenchEnv {
-    /// Creates the namespace (with `lo` up), the temp dir and the watchdog.
-    fn new() -> Result<BenchEnv> {
+    /// Creates the namespace (with `lo` up), the temp dir and the watchdog;
+    /// the stalled configurations will get a ring of `stalled_ring_kib`.
+    fn new(stalled_ring_kib: &'static str) -> Result<BenchEnv> {
         let pid = std::process::id();
         let ns = format!("pt-bench-{pid}");
         let dir = std::env::temp_dir().join(format!("pt-bench-{pid}"));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let bpf_stats_old = util::output(Command::new("sysctl").args(["-n", BPF_STATS])).ok();
-        let mut env =
-            BenchEnv { ns, dir, nginx: None, bpf_stats_old: None, watchdog: None, stalled_ring_kib: STALLED_RING_KIB };
+        let mut env = BenchEnv { ns, dir, nginx: None, bpf_stats_old: None, watchdog: None, stalled_ring_kib };
         env.spawn_watchdog(pid, bpf_stats_old.as_deref().map(str::trim))?;
         util::run(Command::new("ip").args(["netns", "add", &env.ns]))?;
         util::run(Command::new("ip").args(["netns", "exec", &env.ns, "ip", "link", "set", "lo", "up"]))?;
